@@ -1,0 +1,575 @@
+"""The ADOPT optimizer (Taniguchi et al., NeurIPS 2024, arXiv 2411.02853).
+
+Layout, as in ``torch.optim``: the :class:`ADOPT` class keeps hyperparameters and state and
+calls the functional :func:`adopt`, which dispatches to the for-loop path
+(:func:`_single_tensor_adopt`, the readable one) or the multi-tensor path
+(:func:`_multi_tensor_adopt`). Both take the same arguments and perform the same operations in
+the same order; the tests hold both to a float64 reference.
+
+The first call on which a tensor has a gradient only stores ``v = g*g``. Rather than branch on
+the step count (a tensor, which would break ``torch.compile`` graphs and CUDA-graph capture),
+every call runs the same operations with per-tensor scalars that make the first call a no-op
+for ``theta`` and ``m``: the clip bound is 0 (so the normalised gradient is 0 and ``m`` stays
+0), decoupled decay is 1, and ``v`` takes ``g*g`` with weight 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adoptim._utils import group_by_device_and_dtype, is_compiling, view_as_real_if_complex
+
+__all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
+
+ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+ClipSpec = Union[float, Callable[[Any], Any], None]
+
+
+class PowerClip:
+    """The clip schedule ``c_t = t ** exponent`` (the paper's is ``t ** 0.25``).
+
+    A callable, so it can be passed where ``torch-adopt`` takes ``clip_lambda``; unlike a
+    lambda it is stored in ``state_dict()`` (as the group's ``clip_exp``) and pickles.
+    """
+
+    def __init__(self, exponent: float = 0.25) -> None:
+        self.exponent = float(exponent)
+
+    def __call__(self, step: Any) -> Any:
+        return step**self.exponent
+
+    def __repr__(self) -> str:
+        return f"PowerClip({self.exponent})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PowerClip) and other.exponent == self.exponent
+
+    def __hash__(self) -> int:
+        return hash(("PowerClip", self.exponent))
+
+
+def _split_clip(clip_lambda: ClipSpec) -> tuple[float | None, Callable | None]:
+    """``clip_lambda`` as (power-law exponent kept in param groups, custom callable or None)."""
+    if clip_lambda is None:
+        return None, None
+    if isinstance(clip_lambda, PowerClip):
+        exponent = clip_lambda.exponent
+    elif isinstance(clip_lambda, (int, float)) and not isinstance(clip_lambda, bool):
+        exponent = float(clip_lambda)
+    elif callable(clip_lambda):
+        return None, clip_lambda
+    else:
+        raise TypeError(
+            "clip_lambda must be a number p (clip at t ** p), a PowerClip, a callable "
+            f"step -> bound, or None (no clipping); got {clip_lambda!r}"
+        )
+    if not (math.isfinite(exponent) and exponent >= 0.0):
+        raise ValueError(f"Invalid clip exponent: {exponent} (must be finite and >= 0)")
+    return exponent, None
+
+
+def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
+    """Raise ValueError unless ``low <= value`` (and ``value < high`` when high is given)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+        value = value.item()
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__}")
+    ok = low <= value and (high is None or value < high)
+    if not ok:
+        accepted = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"Invalid {name}: {value} (accepted: {accepted})")
+
+
+class ADOPT(Optimizer):
+    r"""ADOPT: Adam with the current gradient normalised by the *previous* second moment, and
+    momentum applied after normalisation (clipped form, the authors' recommendation).
+
+    For each parameter tensor ``theta`` with gradient ``g``, counting only calls on which it
+    has a gradient::
+
+        first call:        v = g*g                      (theta and m unchanged)
+        later calls t=1,2,...:
+            n     = clip(g / max(sqrt(v), eps), t ** 0.25)
+            m     = beta1 * m + (1 - beta1) * n         (m starts at 0, no bias correction)
+            theta = theta - lr * m
+            v     = beta2 * v + (1 - beta2) * g*g
+
+    State per parameter, under ``torch.optim.Adam``'s keys: ``step`` (calls so far, a float
+    tensor), ``exp_avg`` (m) and ``exp_avg_sq`` (v).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate, a float or a one-element tensor (default 1e-3). Use the lr you
+            would use with Adam.
+        betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.9999)). ADOPT converges for any
+            beta2; 0.9999 is the paper's default.
+        eps: floor on ``sqrt(v)`` (a ``max``, not an addition), >= 0 (default 1e-6).
+        clip_lambda: the clip schedule c_t. A number p or :class:`PowerClip` (default
+            ``t ** 0.25``) is stored in ``state_dict()`` as the group's ``clip_exp``; ``None``
+            turns clipping off; any other callable ``step -> bound`` works as in torch-adopt
+            but is *not* saved in ``state_dict()`` (pass it again when you rebuild the
+            optimizer). It is called with the step as a Python number, or as a tensor under
+            ``torch.compile``/``capturable``/``differentiable``.
+        weight_decay: >= 0 (default 0).
+        decouple: False adds ``weight_decay * theta`` to the gradient on every call (L2, so
+            it enters v); True multiplies theta by ``1 - lr * weight_decay`` on the calls that
+            update it, as AdamW does (see :class:`ADOPTW`).
+        foreach: True for the multi-tensor path, False for the for-loop path, None to choose:
+            see ``_default_foreach``.
+        maximize: maximise the objective instead of minimising it.
+        capturable: keep ``step`` on the parameter's device and never read it on the host,
+            so the step can be captured in a CUDA graph.
+        differentiable: let autograd run through the step (for meta-learning).
+        fused: reserved for the single-pass kernel; ``True`` raises until it is available.
+
+    Example::
+
+        >>> import torch
+        >>> from adoptim import ADOPT
+        >>> x = torch.tensor([3.0, -2.0], requires_grad=True)
+        >>> opt = ADOPT([x], lr=0.1)
+        >>> for _ in range(200):
+        ...     opt.zero_grad()
+        ...     (x ** 2).sum().backward()
+        ...     opt.step()
+        >>> bool(x.abs().max() < 0.1)
+        True
+
+    Reference: S. Taniguchi, K. Harada, G. Minegishi, Y. Oshima, S. C. Jeong, G. Nagahara,
+    T. Iiyama, M. Suzuki, Y. Iwasawa, Y. Matsuo. "ADOPT: Modified Adam Can Converge with Any
+    beta2 with the Optimal Rate." NeurIPS 2024. https://arxiv.org/abs/2411.02853
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        clip_lambda: ClipSpec = PowerClip(0.25),
+        weight_decay: float = 0.0,
+        decouple: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _check_range("learning rate (lr)", lr, 0.0)
+        _check_range("epsilon value (eps)", eps, 0.0)
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: expected (beta1, beta2), got {betas!r}")
+        _check_range("beta parameter at index 0 (beta1)", betas[0], 0.0, 1.0)
+        _check_range("beta parameter at index 1 (beta2)", betas[1], 0.0, 1.0)
+        _check_range("weight_decay value", weight_decay, 0.0)
+        if fused:
+            raise RuntimeError(
+                "fused=True is not available yet: use foreach=True or leave fused unset"
+            )
+        if foreach and differentiable:
+            raise ValueError("foreach=True and differentiable=True cannot be used together")
+        clip_exp, self.clip_lambda = _split_clip(clip_lambda)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            clip_exp=clip_exp,
+            weight_decay=weight_decay,
+            decouple=decouple,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        clip_exp = self.defaults.get("clip_exp", 0.25)
+        for group in self.param_groups:
+            # State dicts from torch-adopt have none of these keys; its default clip is t**0.25.
+            group.setdefault("clip_exp", clip_exp)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by ADOPT, ADOPTW or torch-adopt's ADOPT.
+
+        A state dict from ``torch.optim.Adam``/``AdamW`` has the same state keys but means
+        something else (its v is one step ahead and its m is not normalised); it is refused.
+        """
+        if any("amsgrad" in group for group in state_dict.get("param_groups", [])):
+            raise ValueError(
+                "This state dict comes from torch.optim.Adam/AdamW (its param groups have "
+                "'amsgrad'); ADOPT's moments mean something else. Load it into the Adam "
+                "optimizer it came from and convert that with ADOPT.from_adam(adam)."
+            )
+        super().load_state_dict(state_dict)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the tensors that have a gradient on this call, creating state on first
+        sight; return whether any of them is complex."""
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "ADOPT does not support sparse gradients; use dense gradients "
+                    "(e.g. nn.Embedding(sparse=False))"
+                )
+            has_complex |= torch.is_complex(p)
+            state = self.state[p]
+            if len(state) == 0:
+                # `step` lives on the host unless capturable, so that reading it costs no
+                # device sync (as in torch.optim.Adam).
+                step_device = p.device if group["capturable"] else torch.device("cpu")
+                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError("`step` must not require grad in differentiable mode")
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                params: list[Tensor] = []
+                grads: list[Tensor] = []
+                exp_avgs: list[Tensor] = []
+                exp_avg_sqs: list[Tensor] = []
+                state_steps: list[Tensor] = []
+                has_complex = self._init_group(
+                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps
+                )
+                if not params:
+                    continue
+                beta1, beta2 = group["betas"]
+                adopt(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    state_steps,
+                    foreach=group["foreach"],
+                    capturable=group["capturable"],
+                    differentiable=group["differentiable"],
+                    has_complex=has_complex,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    clip_exp=group["clip_exp"],
+                    clip_fn=self.clip_lambda,
+                    weight_decay=group["weight_decay"],
+                    decouple=group["decouple"],
+                    maximize=group["maximize"],
+                )
+        return loss
+
+
+class ADOPTW(ADOPT):
+    """ADOPT with decoupled weight decay, the counterpart of ``torch.optim.AdamW``.
+
+    Same as ``ADOPT(..., decouple=True)`` with AdamW's default ``weight_decay=1e-2``: on every
+    call that updates theta, ``theta *= 1 - lr * weight_decay`` before the ADOPT step.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        clip_lambda: ClipSpec = PowerClip(0.25),
+        weight_decay: float = 1e-2,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            clip_lambda=clip_lambda,
+            weight_decay=weight_decay,
+            decouple=True,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+
+
+def _default_foreach(params: list[Tensor], differentiable: bool) -> bool:
+    """The multi-tensor path on CUDA (fewer kernel launches), the for-loop path elsewhere.
+
+    On CPU the for-loop path is the faster of the two (measured with ``adoptim bench``): it
+    walks each tensor while it is in cache, where the foreach ops make one full pass over all
+    tensors per operation.
+    """
+    if differentiable or is_compiling():
+        return False
+    return all(p.device.type == "cuda" for p in params)
+
+
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    has_complex: bool = False,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_exp: float | None,
+    clip_fn: Callable | None = None,
+    weight_decay: float,
+    decouple: bool,
+    maximize: bool,
+) -> None:
+    """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
+    in place. See :class:`ADOPT` for the algorithm and the arguments."""
+    if foreach is None:
+        foreach = _default_foreach(params, differentiable)
+    func = _multi_tensor_adopt if foreach else _single_tensor_adopt
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
+        scalars_as_tensors=capturable or differentiable or is_compiling(),
+        has_complex=has_complex,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        clip_exp=clip_exp,
+        clip_fn=clip_fn,
+        weight_decay=weight_decay,
+        decouple=decouple,
+        maximize=maximize,
+    )
+
+
+def _call_scalars(
+    steps: list[Tensor],
+    *,
+    as_tensors: bool,
+    dtype: torch.dtype,
+    lr: float | Tensor,
+    beta2: float,
+    weight_decay: float,
+    clip_exp: float | None,
+    clip_fn: Callable | None,
+) -> tuple[list, list, list]:
+    """Per-tensor scalars for this call from each tensor's count of earlier calls ``s``.
+
+    Returns three lists (Python floats, or 0-dim tensors when ``as_tensors``):
+      * the clip bound: ``s ** clip_exp`` (or ``clip_fn(s)``, or inf without clipping) for
+        s >= 1, and 0 on the first call, which zeroes n so neither m nor theta moves;
+      * the weight of ``g*g`` in ``v = lerp(v, g*g, w)``: ``1 - beta2``, or 1 on the first
+        call, where v is still 0 and becomes ``g*g``;
+      * the decoupled-decay factor ``1 - lr * weight_decay``, or 1 on the first call.
+    """
+    s = torch.stack(steps) if as_tensors else torch.tensor([t.item() for t in steps])
+    s = s.to(dtype)
+    first = s == 0
+    started = (~first).to(dtype)
+    if clip_exp is not None:
+        bound = torch.where(first, 0.0, s.pow(clip_exp))
+    elif clip_fn is not None and as_tensors:
+        bound = torch.where(first, 0.0, clip_fn(s.clamp(min=1)))
+    elif clip_fn is not None:  # a user's callable may expect a Python number, as in torch-adopt
+        bound = torch.tensor([clip_fn(t) if t > 0 else 0.0 for t in s.tolist()], dtype=dtype)
+    else:
+        bound = torch.where(first, 0.0, math.inf)
+    sq_weight = 1 - started * beta2
+    decay = 1 - started * (lr * weight_decay)
+    if as_tensors:
+        return list(bound.unbind()), list(sq_weight.unbind()), list(decay.unbind())
+    return bound.tolist(), sq_weight.tolist(), decay.tolist()
+
+
+def _scalar_dtype(param: Tensor) -> torch.dtype:
+    """float64 scalars for float64 parameters, float32 otherwise."""
+    real = param.real if torch.is_complex(param) else param
+    return torch.promote_types(real.dtype, torch.float32)
+
+
+def _single_tensor_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    scalars_as_tensors: bool,
+    has_complex: bool,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_exp: float | None,
+    clip_fn: Callable | None,
+    weight_decay: float,
+    decouple: bool,
+    maximize: bool,
+) -> None:
+    if isinstance(lr, Tensor) and not scalars_as_tensors:
+        lr = lr.item()
+    scalar_kw = dict(
+        as_tensors=scalars_as_tensors,
+        lr=lr,
+        beta2=beta2,
+        weight_decay=weight_decay if decouple else 0.0,
+        clip_exp=clip_exp,
+        clip_fn=clip_fn,
+    )
+    if not scalars_as_tensors:  # one host-side computation for the whole group
+        dtype = torch.float64
+        bounds, sq_weights, decays = _call_scalars(state_steps, dtype=dtype, **scalar_kw)
+
+    for i, param in enumerate(params):
+        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        if scalars_as_tensors:
+            (bound,), (sq_weight,), (decay,) = _call_scalars(
+                [step_t], dtype=_scalar_dtype(param), **scalar_kw
+            )
+        else:
+            bound, sq_weight, decay = bounds[i], sq_weights[i], decays[i]
+
+        if maximize:
+            grad = -grad
+        if weight_decay != 0 and not decouple:  # coupled (L2): enters v too
+            grad = grad.add(param, alpha=weight_decay)
+        param, grad, exp_avg, exp_avg_sq = view_as_real_if_complex(
+            param, grad, exp_avg, exp_avg_sq
+        )
+
+        if weight_decay != 0 and decouple:
+            param.mul_(decay)
+        normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)  # n = g / max(sqrt(v), eps)
+        normed.clamp_(-bound, bound)  # n = clip(n, c_t)
+        exp_avg.lerp_(normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
+        if isinstance(lr, Tensor):
+            param.addcmul_(exp_avg, lr, value=-1)  # theta = theta - lr*m
+        else:
+            param.add_(exp_avg, alpha=-lr)
+        exp_avg_sq.lerp_(grad * grad, sq_weight)  # v = beta2*v + (1-beta2)*g*g
+        step_t += 1
+
+
+def _multi_tensor_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    scalars_as_tensors: bool,
+    has_complex: bool,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip_exp: float | None,
+    clip_fn: Callable | None,
+    weight_decay: float,
+    decouple: bool,
+    maximize: bool,
+) -> None:
+    if isinstance(lr, Tensor) and not scalars_as_tensors:
+        lr = lr.item()
+    buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    for (_, dtype), (_, (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps)) in (
+        buckets.items()
+    ):
+        # Each tensor gets its own scalars from its own step count: tensors that started
+        # late, or were frozen for a while, share a bucket with the others.
+        bounds, sq_weights, decays = _call_scalars(
+            b_steps,
+            as_tensors=scalars_as_tensors,
+            dtype=_scalar_dtype(b_params[0]),
+            lr=lr,
+            beta2=beta2,
+            weight_decay=weight_decay if decouple else 0.0,
+            clip_exp=clip_exp,
+            clip_fn=clip_fn,
+        )
+        if maximize:
+            b_grads = torch._foreach_neg(b_grads)
+        if weight_decay != 0 and not decouple:
+            b_grads = torch._foreach_add(b_grads, b_params, alpha=weight_decay)
+        if has_complex:
+            b_params, b_grads, b_exp_avgs, b_exp_avg_sqs = (
+                [view_as_real_if_complex(t)[0] for t in tensors]
+                for tensors in (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs)
+            )
+
+        if weight_decay != 0 and decouple:
+            torch._foreach_mul_(b_params, decays)
+        denom = torch._foreach_sqrt(b_exp_avg_sqs)
+        torch._foreach_clamp_min_(denom, eps)
+        normed = torch._foreach_div(b_grads, denom)  # n = g / max(sqrt(v), eps)
+        del denom
+        torch._foreach_clamp_min_(normed, [-b for b in bounds])  # n = clip(n, c_t)
+        torch._foreach_clamp_max_(normed, bounds)
+        torch._foreach_lerp_(b_exp_avgs, normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
+        del normed
+        if isinstance(lr, Tensor):  # theta = theta - lr*m
+            torch._foreach_sub_(b_params, torch._foreach_mul(b_exp_avgs, lr))
+        else:
+            torch._foreach_add_(b_params, b_exp_avgs, alpha=-lr)
+        grad_sq = torch._foreach_mul(b_grads, b_grads)
+        torch._foreach_lerp_(b_exp_avg_sqs, grad_sq, sq_weights)  # v = beta2*v + (1-beta2)*g*g
+        torch._foreach_add_(b_steps, 1)
