@@ -28,15 +28,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _build_parser()
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[known.command][0])
+    if not argv or argv[0] not in SUBCOMMANDS:
+        _build_parser().parse_args(argv)  # prints usage, or help for -h, and exits
+    command, module_name = argv[0], SUBCOMMANDS[argv[0]][0]
+    module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(
-        prog=f"adoptim {known.command}", description=SUBCOMMANDS[known.command][1]
+        prog=f"adoptim {command}", description=SUBCOMMANDS[command][1]
     )
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    return int(module.run(sub_parser.parse_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":
