@@ -1,0 +1,369 @@
+"""The small shared runner under every experiment in :mod:`adoptim.experiments`.
+
+What it gives an experiment module (and nothing more):
+
+* **Config handling**: configs are ``@dataclass`` objects; :func:`config_dict` turns one into a
+  JSON-able dict and :func:`run_id` into a stable folder name.
+* **Seeding** (:func:`seed_everything`) and a **deterministic data order**
+  (:func:`batch_indices`: the permutation for (seed, epoch) is always the same).
+* **Metrics per run**: :class:`RunContext.log` appends a row to ``metrics.jsonl`` and
+  ``metrics.csv`` in the run's folder; :meth:`RunContext.finish` writes ``result.json``.
+* **Resume**: :func:`run_sweep` skips a run whose ``result.json`` exists (the run finished) and
+  restarts from scratch a run that was cut off (its folder is cleared first).
+* **Progress**: one tqdm bar per sweep and one per run (:meth:`RunContext.bar`).
+* **Reports**: :func:`load_results`, :func:`summarize` (mean, spread), :func:`markdown_table`,
+  :func:`new_figure`/:func:`save_figure` (matplotlib, Agg backend) and :class:`Report`, which
+  collects markdown and PNGs into ``report.md``.
+
+How an experiment plugs in (one file, e.g. ``adoptim/experiments/myexp.py``)::
+
+    from dataclasses import dataclass, replace
+    from adoptim.experiments.runner import Experiment, Report, run_sweep, load_results
+
+    @dataclass
+    class Config:
+        optimizer: str = "adopt"   # name for adoptim.experiments.optimizers.make_optimizer
+        seed: int = 0              # one run per seed
+        steps: int = 100           # training steps
+
+    def train(cfg: Config, ctx) -> dict:          # one run: an explicit loop
+        torch.manual_seed(cfg.seed) ...
+        for step in ctx.bar(range(cfg.steps)):
+            ...
+            ctx.log(step=step, **{"train/loss": loss})
+        return {"final_loss": loss}               # written to result.json
+
+    def run(sweep: list[Config], out: Path, progress: bool = True) -> None:
+        run_sweep(sweep, out, train, name="myexp", progress=progress)
+
+    def report(sweep: list[Config], out: Path) -> Path:
+        results = load_results(out)               # [(config dict, result dict, run dir)]
+        rep = Report(out, "My experiment")
+        rep.table(["optimizer", "loss"], rows)    # rows built with summarize()
+        rep.figure(fig, "curves.png", "caption")
+        return rep.write()                        # out/report.md
+
+    EXPERIMENT = Experiment(
+        name="myexp", description="one line",
+        quick=lambda: [Config(seed=s, steps=50) for s in range(2)],
+        full=lambda: [Config(seed=s) for s in range(5)],
+        run=run, report=report)
+
+and one line in ``adoptim.experiments.REGISTRY`` (``"myexp": "adoptim.experiments.myexp"``)
+makes ``adoptim reproduce myexp`` (and ``adoptim reproduce --quick``) run it. A "sweep" is any
+list of config dataclasses; ``run`` may also ignore :func:`run_sweep` and do its own thing (the
+toy experiment runs all seeds in one tensor), as long as ``report`` writes ``report.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Experiment",
+    "Report",
+    "RunContext",
+    "batch_indices",
+    "config_dict",
+    "fmt",
+    "load_metrics",
+    "load_results",
+    "markdown_table",
+    "new_figure",
+    "run_id",
+    "run_sweep",
+    "save_figure",
+    "seed_everything",
+    "set_threads",
+    "summarize",
+]
+
+RESULT_FILE = "result.json"  # its presence means "this run finished"
+CONFIG_FILE = "config.json"
+
+
+# ----------------------------------------------------------------------------- registry entry
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What ``adoptim reproduce`` needs to know about one experiment.
+
+    ``quick()``/``full()`` return the sweep (a config or a list of configs) for each profile;
+    ``run(sweep, out_dir, progress)`` runs it (resuming), ``report(sweep, out_dir)`` writes
+    ``out_dir/report.md`` and returns its path.
+    """
+
+    name: str
+    description: str
+    quick: Callable[[], Any]
+    full: Callable[[], Any]
+    run: Callable[..., None]
+    report: Callable[[Any, Path], Path]
+
+
+# ----------------------------------------------------------------------------- configs, seeds
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as a plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def run_id(cfg: Any, keys: Sequence[str] | None = None) -> str:
+    """A stable, readable folder name for a run: ``key=value`` pairs for ``keys`` (default:
+    every field) joined by ``_``, plus a short hash of the whole config so that two configs
+    differing in a field not named still get different folders."""
+    d = config_dict(cfg)
+    keys = list(d) if keys is None else list(keys)
+    parts = []
+    for k in keys:
+        v = d[k]
+        v = "-".join(map(str, v)) if isinstance(v, list) else str(v)
+        parts.append(f"{k}={v}")
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    name = "_".join(parts).replace("/", "-").replace(" ", "")
+    return f"{name}_{digest}" if len(name) < 150 else f"run_{digest}"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a fresh ``torch.Generator`` seeded with ``seed``
+    (use it for anything whose order must not depend on other random calls)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False):
+    """The minibatches (index tensors) of one epoch, always the same for (seed, epoch), and
+    independent of any other random number drawn during training."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    stop = n - n % batch_size if drop_last else n
+    return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads (default: ``ADOPTIM_THREADS`` or 1; the experiments here
+    are small, and the machine is shared) and return the number used."""
+    n = n or int(os.environ.get("ADOPTIM_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------- one run
+class RunContext:
+    """Handed to an experiment's per-run function: where to write, how to log, a progress bar.
+
+    ``log(**metrics)`` appends one row to ``metrics.jsonl`` (always) and ``metrics.csv`` (the
+    CSV's columns are fixed by the first row; later keys not in it go only to the JSONL).
+    """
+
+    def __init__(self, run_dir: Path, config: Any, progress: bool = True, position: int = 1):
+        self.dir = Path(run_dir)
+        self.config = config
+        self.progress = progress
+        self.position = position
+        self._jsonl = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 (closed in finish/close)
+        self._csv_file = open(self.dir / "metrics.csv", "w", newline="")  # noqa: SIM115
+        self._csv: csv.DictWriter | None = None
+        self.start = time.time()
+
+    def log(self, **metrics: Any) -> None:
+        row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._csv is None:
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=list(row), extrasaction="ignore")
+            self._csv.writeheader()
+        self._csv.writerow(row)
+        self._csv_file.flush()
+
+    def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
+        """A tqdm bar for this run (below the sweep's bar; disappears when done)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc or self.dir.name[:40],
+            position=self.position,
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Close the metric files and write ``result.json`` atomically (marks the run done)."""
+        self._jsonl.close()
+        self._csv_file.close()
+        result = {"config": config_dict(self.config), "seconds": time.time() - self.start,
+                  **result}
+        tmp = self.dir / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=float))
+        os.replace(tmp, self.dir / RESULT_FILE)
+
+    def close(self) -> None:
+        for f in (self._jsonl, self._csv_file):
+            if not f.closed:
+                f.close()
+
+
+def run_sweep(
+    configs: Sequence[Any],
+    out_dir: str | Path,
+    run_fn: Callable[[Any, RunContext], dict[str, Any] | None],
+    name: str = "sweep",
+    keys: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Run ``run_fn(cfg, ctx)`` for every config, each in ``out_dir/runs/<run_id>/``.
+
+    A run whose ``result.json`` exists is skipped (resume); a run folder without it (cut off
+    mid-run) is cleared and the run restarts. ``run_fn`` returns the run's summary dict (goes
+    into ``result.json`` with the config and wall time). Returns the run folders, in order.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    dirs = [out_dir / "runs" / run_id(c, keys) for c in configs]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError("two configs in the sweep map to the same run folder")
+    todo = [(c, d) for c, d in zip(configs, dirs) if not (d / RESULT_FILE).exists()]
+    with tqdm(total=len(configs), initial=len(configs) - len(todo), desc=name, position=0,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for cfg, d in todo:
+            if d.exists():
+                shutil.rmtree(d)  # a partial run: start it again
+            d.mkdir(parents=True)
+            (d / CONFIG_FILE).write_text(json.dumps(config_dict(cfg), indent=1))
+            ctx = RunContext(d, cfg, progress=progress)
+            try:
+                result = run_fn(cfg, ctx) or {}
+                ctx.finish(result)
+            finally:
+                ctx.close()
+            bar.update(1)
+    return dirs
+
+
+# ----------------------------------------------------------------------------- reading back
+def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run under ``out_dir/runs``: its ``result.json`` (which holds ``config``)
+    plus ``dir``, sorted by folder name."""
+    out = []
+    for f in sorted(Path(out_dir).glob(f"runs/*/{RESULT_FILE}")):
+        r = json.loads(f.read_text())
+        r["dir"] = str(f.parent)
+        out.append(r)
+    return out
+
+
+def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """mean, std (sample, 0 for one value), median, q25, q75, min, max and n of ``values``."""
+    a = np.asarray(list(values), dtype=float)
+    if a.size == 0:
+        return {k: math.nan for k in ("mean", "std", "median", "q25", "q75", "min", "max")} | {
+            "n": 0}
+    q25, med, q75 = np.percentile(a, [25, 50, 75])
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "median": float(med), "q25": float(q25), "q75": float(q75),
+        "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
+    }
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for a markdown table."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)):
+        return str(x)
+    return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.2e}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table (cells are str()-ed; floats via :func:`fmt`)."""
+    def cell(v: Any) -> str:
+        return fmt(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.6, **kw):
+    """``plt.subplots`` on the Agg backend (no display needed), sized per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                        **kw)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save ``fig`` as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+class Report:
+    """Collects markdown (text, tables, figures) and writes ``out_dir/report.md``."""
+
+    def __init__(self, out_dir: str | Path, title: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.parts: list[str] = [f"# {title}\n"]
+
+    def text(self, md: str) -> None:
+        self.parts.append(md.strip() + "\n")
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = ""):
+        if caption:
+            self.parts.append(caption.strip() + "\n")
+        self.parts.append(markdown_table(headers, rows) + "\n")
+
+    def figure(self, fig, filename: str, caption: str = "") -> Path:
+        """Save ``fig`` next to the report and link it."""
+        path = save_figure(fig, self.out_dir / filename)
+        self.parts.append(f"![{caption or filename}]({filename})\n")
+        if caption:
+            self.parts.append(f"*{caption}*\n")
+        return path
+
+    def write(self, filename: str = "report.md") -> Path:
+        path = self.out_dir / filename
+        footer = (f"\n---\nGenerated by `adoptim` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+                  f", torch {torch.__version__}, python {sys.version.split()[0]}.\n")
+        path.write_text("\n".join(self.parts) + footer)
+        return path
