@@ -1,0 +1,72 @@
+"""``adoptim reproduce``: run the registered experiments and write their reports.
+
+    adoptim reproduce --quick            # every experiment, small profile (a few minutes, 2 CPUs)
+    adoptim reproduce --full             # the larger profile (tens of minutes)
+    adoptim reproduce toy mlp --out DIR  # only some experiments
+
+Each experiment writes under ``OUT/<profile>/<name>/`` (runs, metrics, ``report.md``, PNGs);
+an index linking them is written to ``OUT/<profile>/README.md``. Running again resumes: runs
+that finished are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from adoptim.experiments import REGISTRY, get_experiment
+
+__all__ = ["add_arguments", "reproduce", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiments", nargs="*", metavar="NAME",
+                        help=f"experiments to run (default: all of {', '.join(REGISTRY)})")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                         help="small profile, a few minutes on 2 CPU cores (default)")
+    profile.add_argument("--full", dest="profile", action="store_const", const="full",
+                         help="larger profile (tens of minutes)")
+    parser.set_defaults(profile="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"),
+                        help="output folder (default ./runs/reproduce)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the reports from finished runs without running anything")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
+              report_only: bool = False) -> Path:
+    """Run ``names`` (all when empty) at ``profile``; return the index file's path."""
+    names = names or list(REGISTRY)
+    root = Path(out) / profile
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [f"# adoptim reproduce --{profile}\n"]
+    for name in names:
+        exp = get_experiment(name)
+        sweep = exp.quick() if profile == "quick" else exp.full()
+        exp_dir = root / name
+        t0 = time.time()
+        if not report_only:
+            print(f"[{name}] {exp.description}", flush=True)
+            exp.run(sweep, exp_dir, progress=progress)
+        path = exp.report(sweep, exp_dir)
+        dt = time.time() - t0
+        print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
+        lines.append(f"- [{name}]({name}/report.md): {exp.description}")
+    index = root / "README.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = [n for n in args.experiments if n not in REGISTRY]
+    if unknown:
+        print(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+        return 2
+    t0 = time.time()
+    index = reproduce(args.experiments, args.profile, args.out, progress=not args.no_progress,
+                      report_only=args.report_only)
+    print(f"done in {time.time() - t0:.0f} s. Reports: {index}")
+    return 0
