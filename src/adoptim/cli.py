@@ -15,6 +15,7 @@ __all__ = ["main"]
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("adoptim.experiments.toy", "the paper's convex counterexample: Adam vs ADOPT"),
+    "reproduce": ("adoptim.experiments.reproduce", "run the experiments, write reports"),
 }
 
 
