@@ -15,6 +15,7 @@ for ``theta`` and ``m``: the clip bound is 0 (so the normalised gradient is 0 an
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Union
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adoptim import _fused
 from adoptim._utils import group_by_device_and_dtype, is_compiling, view_as_real_if_complex
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
@@ -128,7 +130,19 @@ class ADOPT(Optimizer):
         capturable: keep ``step`` on the parameter's device and never read it on the host,
             so the step can be captured in a CUDA graph.
         differentiable: let autograd run through the step (for meta-learning).
-        fused: reserved for the single-pass kernel; ``True`` raises until it is available.
+        fused: True for the single-pass C++ kernel (CPU; built on first use and cached, the
+            for-loop path runs until it is ready); raises at construction where it cannot
+            run, saying why. None (default, with foreach None): the kernel for CPU
+            parameters when a C++ compiler is available, else as ``foreach``. With
+            ``fused=True`` a ``torch.amp.GradScaler`` unscales and skips inf/NaN steps inside
+            the step. See ``docs/performance.md``.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``: ``"auto"`` (default) keeps them in
+            float32 for bfloat16/float16 parameters (in bfloat16, v cannot move at
+            beta2 = 0.9999) and in the parameter's dtype otherwise; ``"float32"`` is the same;
+            ``"param"`` always uses the parameter's dtype. With float32 state every path
+            computes the update in float32 and rounds the parameter once.
+        stochastic_rounding: round bfloat16 parameters stochastically when writing them back
+            from a float32 update (unbiased, so updates below half an ulp are not lost).
 
     Example::
 
@@ -163,6 +177,8 @@ class ADOPT(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: str | torch.dtype | None = "auto",
+        stochastic_rounding: bool = False,
     ) -> None:
         _check_range("learning rate (lr)", lr, 0.0)
         _check_range("epsilon value (eps)", eps, 0.0)
@@ -171,10 +187,12 @@ class ADOPT(Optimizer):
         _check_range("beta parameter at index 0 (beta1)", betas[0], 0.0, 1.0)
         _check_range("beta parameter at index 1 (beta2)", betas[1], 0.0, 1.0)
         _check_range("weight_decay value", weight_decay, 0.0)
+        state_dtype = _fused.resolve_state_dtype(state_dtype)
         if fused:
-            raise RuntimeError(
-                "fused=True is not available yet: use foreach=True or leave fused unset"
-            )
+            if foreach:
+                raise ValueError("fused=True and foreach=True cannot be used together")
+            if differentiable:
+                raise ValueError("fused=True and differentiable=True cannot be used together")
         if foreach and differentiable:
             raise ValueError("foreach=True and differentiable=True cannot be used together")
         clip_exp, self.clip_lambda = _split_clip(clip_lambda)
@@ -190,8 +208,19 @@ class ADOPT(Optimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            state_dtype=state_dtype,
+            stochastic_rounding=bool(stochastic_rounding),
         )
         super().__init__(params, defaults)
+        if fused:
+            reason = _fused.unsupported_reason(
+                [p for group in self.param_groups for p in group["params"]]
+            )
+            if reason is not None:
+                raise RuntimeError(f"fused=True cannot be used: {reason}")
+            _fused.load_kernel(build=True)  # start building now, so it is ready sooner
+            # A GradScaler then hands its scale and inf flag to step() instead of unscaling.
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -204,6 +233,8 @@ class ADOPT(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", "auto")
+            group.setdefault("stochastic_rounding", False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ADOPT, ADOPTW or torch-adopt's ADOPT.
@@ -246,8 +277,13 @@ class ADOPT(Optimizer):
                 # device sync (as in torch.optim.Adam).
                 step_device = p.device if group["capturable"] else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state_dtype = _fused.state_dtype_for(p, group["state_dtype"])
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=state_dtype, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=state_dtype, memory_format=torch.preserve_format
+                )
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`step` must not require grad in differentiable mode")
             params.append(p)
@@ -288,6 +324,11 @@ class ADOPT(Optimizer):
                     exp_avg_sqs,
                     state_steps,
                     foreach=group["foreach"],
+                    fused=group["fused"],
+                    # Set by torch.amp.GradScaler for fused=True (_step_supports_amp_scaling).
+                    grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=getattr(self, "found_inf", None),
+                    stochastic_rounding=group["stochastic_rounding"],
                     capturable=group["capturable"],
                     differentiable=group["differentiable"],
                     has_complex=has_complex,
@@ -325,6 +366,8 @@ class ADOPTW(ADOPT):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: str | torch.dtype | None = "auto",
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -339,6 +382,8 @@ class ADOPTW(ADOPT):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
 
 
@@ -374,13 +419,31 @@ def adopt(
     weight_decay: float,
     decouple: bool,
     maximize: bool,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
-    in place. See :class:`ADOPT` for the algorithm and the arguments."""
-    if foreach is None:
-        foreach = _default_foreach(params, differentiable)
-    func = _multi_tensor_adopt if foreach else _single_tensor_adopt
-    func(
+    in place. See :class:`ADOPT` for the algorithm and the arguments.
+
+    ``grad_scale``/``found_inf`` are a GradScaler's: gradients are divided by ``grad_scale``,
+    and if ``found_inf`` is nonzero nothing changes, step counts included (one host read).
+    Moments wider than their parameter (float32 state for bfloat16) make the update run in
+    float32 and round the parameter once (``stochastic_rounding`` for bfloat16).
+    """
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    if fused is True:  # asked for: a failed kernel build raises instead of falling back
+        run = functools.partial(_fused.fused_adopt, strict=True)
+    elif fused is None and foreach is None and _fused.default_to_fused(params, differentiable):
+        run = _fused.fused_adopt
+    else:
+        if foreach is None:
+            foreach = _default_foreach(params, differentiable)
+        func = _multi_tensor_adopt if foreach else _single_tensor_adopt
+        run = functools.partial(_fused.run_unfused, func)
+    run(
         params,
         grads,
         exp_avgs,
@@ -398,6 +461,8 @@ def adopt(
         weight_decay=weight_decay,
         decouple=decouple,
         maximize=maximize,
+        grad_scale=grad_scale,
+        stochastic_rounding=stochastic_rounding,
     )
 
 
@@ -479,6 +544,9 @@ def _single_tensor_adopt(
         dtype = torch.float64
         bounds, sq_weights, decays = _call_scalars(state_steps, dtype=dtype, **scalar_kw)
 
+    # A tensor weight_decay (differentiable mode) is always applied: no branch on its value.
+    has_decay = isinstance(weight_decay, Tensor) or weight_decay != 0
+    tracking = torch.is_grad_enabled()  # autograd records the update (differentiable=True)
     for i, param in enumerate(params):
         grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         if scalars_as_tensors:
@@ -490,20 +558,27 @@ def _single_tensor_adopt(
 
         if maximize:
             grad = -grad
-        if weight_decay != 0 and not decouple:  # coupled (L2): enters v too
-            grad = grad.add(param, alpha=weight_decay)
+        if has_decay and not decouple:  # coupled (L2): enters v too
+            if isinstance(weight_decay, Tensor):  # alpha must be a number
+                grad = grad.addcmul(param.clone() if tracking else param, weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
         param, grad, exp_avg, exp_avg_sq = view_as_real_if_complex(
             param, grad, exp_avg, exp_avg_sq
         )
 
-        if weight_decay != 0 and decouple:
+        if has_decay and decouple:
             param.mul_(decay)
-        normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)  # n = g / max(sqrt(v), eps)
+        denom = exp_avg_sq.sqrt()
+        # Under autograd, sqrt's backward needs its output and addcmul's needs m as they are
+        # now: update copies instead of the tensors autograd saved.
+        denom = denom.clamp(min=eps) if tracking else denom.clamp_(min=eps)
+        normed = grad / denom  # n = g / max(sqrt(v), eps)
         normed.clamp_(-bound, bound)  # n = clip(n, c_t)
         exp_avg.lerp_(normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
         if isinstance(lr, Tensor):
-            param.addcmul_(exp_avg, lr, value=-1)  # theta = theta - lr*m
-        else:
+            param.addcmul_(exp_avg.clone() if tracking else exp_avg, lr, value=-1)
+        else:  # theta = theta - lr*m
             param.add_(exp_avg, alpha=-lr)
         exp_avg_sq.lerp_(grad * grad, sq_weight)  # v = beta2*v + (1-beta2)*g*g
         step_t += 1
