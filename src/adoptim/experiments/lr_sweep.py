@@ -123,7 +123,7 @@ EXPERIMENT = Experiment(
     description="MLP lr x beta2 heat map: ADOPT vs Adam (the 'any beta2' claim)",
     quick=lambda: grid(MLPConfig(dataset="mnist5k", hidden=256, epochs=3),
                        lrs=(1e-4, 1e-3, 1e-2), beta2s=(0.1, 0.5, 0.9, 0.999, 0.9999), seeds=1),
-    full=lambda: grid(MLPConfig(dataset="mnist5k", hidden=784, epochs=10),
+    full=lambda: grid(MLPConfig(dataset="mnist5k", hidden=256, epochs=10),
                       lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), beta2s=(0.1, 0.5, 0.9, 0.99, 0.999,
                                                                   0.9999), seeds=2),
     run=_run,
