@@ -15,8 +15,8 @@ from adoptim import ADOPT
 
 #: Constructor flags that select each update path.
 PATHS: dict[str, dict] = {
-    "for-loop": dict(foreach=False, fused=False),
-    "foreach": dict(foreach=True, fused=False),
+    "for-loop": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True, "fused": False},
     "default": {},
 }
 
@@ -38,7 +38,7 @@ def path_params(include_fused: bool = True, include_default: bool = True) -> lis
     names = [n for n in PATHS if include_default or n != "default"]
     out = [pytest.param(n, PATHS[n], id=n) for n in names]
     if include_fused:
-        out.append(pytest.param("fused", dict(fused=True), id="fused"))
+        out.append(pytest.param("fused", {"fused": True}, id="fused"))
     return out
 
 
@@ -62,7 +62,9 @@ def make_model(seed: int = 0, zero_last: bool = False) -> torch.nn.Module:
 
 def batches(n: int, seed: int = 1, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 6, generator=g), torch.randn(batch, 3, generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, 6, generator=g), torch.randn(batch, 3, generator=g)) for _ in range(n)
+    ]
 
 
 def set_random_grads(params, generator: torch.Generator) -> None:

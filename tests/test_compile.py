@@ -42,10 +42,10 @@ def _adam_counts() -> list[tuple[int, int]]:
 
 _EXTRAS = {
     "plain": {},
-    "tensor-lr": dict(lr=torch.tensor(1e-2)),
-    "capturable": dict(capturable=True),
-    "decay-maximize": dict(weight_decay=0.1, decouple=True, maximize=True),
-    "no-clip-l2": dict(clip_lambda=None, weight_decay=0.1),
+    "tensor-lr": {"lr": torch.tensor(1e-2)},
+    "capturable": {"capturable": True},
+    "decay-maximize": {"weight_decay": 0.1, "decouple": True, "maximize": True},
+    "no-clip-l2": {"clip_lambda": None, "weight_decay": 0.1},
 }
 # Every path with plain and tensor lr; the option variants on the for-loop and foreach paths.
 _EXPLAIN_CASES = [
@@ -102,7 +102,7 @@ def test_float_lr_scheduler_recompiles_like_adam():
     # (once, then the value is treated as dynamic), and so does ADOPT. Use a tensor lr.
     adam = _count_compiles(torch.optim.Adam, {}, 1e-2)
     torch._dynamo.reset()
-    ours = _count_compiles(ADOPT, dict(foreach=False), 1e-2)
+    ours = _count_compiles(ADOPT, {"foreach": False}, 1e-2)
     assert adam > 1
     assert ours == adam
 
