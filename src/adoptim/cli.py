@@ -16,6 +16,7 @@ __all__ = ["main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("adoptim.experiments.toy", "the paper's convex counterexample: Adam vs ADOPT"),
     "reproduce": ("adoptim.experiments.reproduce", "run the experiments, write reports"),
+    "bench": ("adoptim.bench", "step time of every ADOPT path vs torch Adam and other ADOPTs"),
 }
 
 

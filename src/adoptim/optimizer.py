@@ -249,6 +249,7 @@ class ADOPT(Optimizer):
                 "optimizer it came from and convert that with ADOPT.from_adam(adam)."
             )
         super().load_state_dict(state_dict)
+        _fused.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
 
     def _init_group(
         self,

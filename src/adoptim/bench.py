@@ -1,0 +1,513 @@
+"""``adoptim bench``: step time of every ADOPT path against torch.optim.Adam and other ADOPTs.
+
+Example (the figures in docs/performance.md)::
+
+    adoptim bench --suites a,b,c --repeats 7 --out runs/bench
+    adoptim bench --startup            # fresh-process time to the first fused step, cold/warm
+
+Suites (all float32, one parameter list each):
+  a: 20 tensors of 1M elements;
+  b: the parameter shapes of GPT-2 small (148 tensors, 124.4M elements);
+  c: 2,000 tensors of 1,000 elements.
+
+Every optimizer in a suite steps the same parameters and gradients, one after the other, in one
+process: the table reports ratios to ``torch.optim.Adam(fused=True)`` measured in the same
+run, because absolute times on a shared machine move by 2x between runs. Effective GB/s counts
+28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass.
+Peak memory is the largest rise of the process's resident memory above what it was before the
+optimizer existed, sampled every millisecond: state plus the step's temporaries.
+
+Peers are timed when installed (never required): ``torch-adopt`` (imports as ``adopt``), timm's
+``Adopt`` (loaded from ``timm/optim/adopt.py``, because ``import timm`` needs torchvision), and
+``pytorch_optimizer.ADOPT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["SUITES", "OPTIMIZERS", "add_arguments", "run", "suite_shapes"]
+
+BYTES_PER_PARAM = 28  # 4 float32 reads + 3 writes
+
+
+# --------------------------------------------------------------------------------------------
+# Suites
+
+
+def _gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M) as nanoGPT builds it: tied embedding, 12 blocks, final LayerNorm."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [
+            (d,), (d,),  # ln_1
+            (d, 3 * d), (3 * d,),  # attn.c_attn
+            (d, d), (d,),  # attn.c_proj
+            (d,), (d,),  # ln_2
+            (d, 4 * d), (4 * d,),  # mlp.c_fc
+            (4 * d, d), (d,),  # mlp.c_proj
+        ]
+    return shapes + [(d,), (d,)]  # ln_f
+
+
+SUITES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
+    "a": ("20 x 1M", lambda: [(1_000_000,)] * 20),
+    "b": ("GPT-2 small", _gpt2_small_shapes),
+    "c": ("2000 x 1k", lambda: [(1_000,)] * 2000),
+}
+
+
+def suite_shapes(suite: str, scale: float = 1.0) -> list[tuple[int, ...]]:
+    """The suite's shapes, each dimension's product scaled by ``scale`` (for quick runs)."""
+    shapes = SUITES[suite][1]()
+    if scale == 1.0:
+        return shapes
+    return [(max(1, int(round(torch.Size(s).numel() * scale))),) for s in shapes]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    available: Callable[[], str | None] = lambda: None  # reason it cannot run, or None
+
+
+def _module_missing(module: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if importlib.util.find_spec(module) else f"{module} is not installed"
+
+    return check
+
+
+def _timm_adopt() -> type:
+    """timm's Adopt without ``import timm`` (which needs torchvision): load timm/optim as a
+    bare package so that only adopt.py and its two helper modules run."""
+    name = "_adoptim_bench_timm_optim"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.origin is None:
+            raise ImportError("timm is not installed")
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(os.path.dirname(spec.origin), "optim")]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.adopt").Adopt
+
+
+def _fused_unavailable() -> str | None:
+    from adoptim import _fused
+
+    return _fused.unsupported_reason()
+
+
+def _adopt(**kw: Any) -> Callable:
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        from adoptim import ADOPT
+
+        return ADOPT(params, **kw)
+
+    return make
+
+
+def _torch_adopt(foreach: bool) -> Callable:
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        import adopt
+
+        return adopt.ADOPT(params, foreach=foreach)
+
+    return make
+
+
+def _timm(foreach: bool) -> Callable:
+    # clip_exp=0.25: the paper's schedule (timm defaults to 1/3; the cost is the same).
+    return lambda params: _timm_adopt()(params, clip_exp=0.25, foreach=foreach)
+
+
+def _timm_missing() -> str | None:
+    return _module_missing("timm")()
+
+
+OPTIMIZERS: list[Entry] = [
+    Entry("adam-fused", lambda p: torch.optim.Adam(p, fused=True)),
+    Entry("adam-foreach", lambda p: torch.optim.Adam(p, foreach=True)),
+    Entry("adam-forloop", lambda p: torch.optim.Adam(p, foreach=False)),
+    Entry("adam-default", lambda p: torch.optim.Adam(p)),
+    Entry("adopt-fused", _adopt(fused=True), _fused_unavailable),
+    Entry("adopt-foreach", _adopt(foreach=True, fused=False)),
+    Entry("adopt-forloop", _adopt(foreach=False, fused=False)),
+    Entry("adopt-default", _adopt()),
+    Entry("torch-adopt-forloop", _torch_adopt(False), _module_missing("adopt")),
+    Entry("torch-adopt-foreach", _torch_adopt(True), _module_missing("adopt")),
+    Entry("timm-forloop", _timm(False), _timm_missing),
+    Entry("timm-foreach", _timm(True), _timm_missing),
+    Entry(
+        "pytorch_optimizer",
+        lambda p: importlib.import_module("pytorch_optimizer").ADOPT(p),
+        _module_missing("pytorch_optimizer"),
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+class _PeakRSS:
+    """Largest resident set size seen while active, sampled every millisecond (Linux)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except OSError:
+            return 0
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _time_one(
+    entry: Entry, params: list[torch.Tensor], warmup: int, repeats: int
+) -> dict[str, Any]:
+    gc.collect()
+    with _PeakRSS() as mem:
+        t0 = time.perf_counter()
+        opt = entry.make(params)
+        opt.step()  # creates the state
+        first = time.perf_counter() - t0
+        if entry.name.startswith("adopt-"):
+            from adoptim import _fused
+
+            # Time the kernel, not the for-loop stand-in that runs while it builds.
+            if entry.name in ("adopt-fused", "adopt-default") and _fused_unavailable() is None:
+                _fused.load_kernel(wait=True)
+        for _ in range(warmup):
+            opt.step()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t)
+    del opt
+    gc.collect()
+    numel = sum(p.numel() for p in params)
+    median = statistics.median(times)
+    return {
+        "median_s": median,
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "gb_per_s": BYTES_PER_PARAM * numel / median / 1e9,
+        "peak_mb": (mem.peak - mem.base) / 2**20 if mem.peak else None,
+        "first_step_s": first,
+    }
+
+
+def _make_params(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen).mul_(0.02).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen)
+        params.append(p)
+    return params
+
+
+def run_suite(
+    suite: str,
+    entries: list[Entry],
+    *,
+    warmup: int,
+    repeats: int,
+    scale: float = 1.0,
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, Any]:
+    shapes = suite_shapes(suite, scale)
+    params = _make_params(shapes, seed)
+    numel = sum(p.numel() for p in params)
+    results: dict[str, Any] = {}
+    for entry in entries:
+        if progress is not None:
+            progress.set_description(f"{suite}: {entry.name}")
+        reason = entry.available()
+        if reason is not None:
+            results[entry.name] = {"skipped": reason}
+        else:
+            try:
+                results[entry.name] = _time_one(entry, params, warmup, repeats)
+            except Exception as exc:  # noqa: BLE001 - a peer failing should not end the run
+                results[entry.name] = {"skipped": f"failed: {exc!r}"[:300]}
+        if progress is not None:
+            progress.update(1)
+    base = results.get("adam-fused", {}).get("median_s")
+    for res in results.values():
+        if "median_s" in res:
+            res["ratio_to_adam_fused"] = res["median_s"] / base if base else None
+    return {
+        "suite": suite,
+        "title": SUITES[suite][0],
+        "tensors": len(shapes),
+        "params": numel,
+        "results": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = []
+    for s in report["suites"]:
+        lines.append(
+            f"\n({s['suite']}) {s['title']}: {s['tensors']} tensors, {s['params'] / 1e6:.1f}M "
+            "float32 params"
+        )
+        lines.append(
+            f"| {'optimizer':<20} | {'median ms':>9} | {'x adam-fused':>12} | {'GB/s':>6} "
+            f"| {'peak MB':>8} | {'first step s':>12} |"
+        )
+        lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 13}:|")
+        for name, r in s["results"].items():
+            if "skipped" in r:
+                lines.append(f"| {name:<20} | skipped: {r['skipped']}")
+                continue
+            ratio = r.get("ratio_to_adam_fused")
+            peak = r.get("peak_mb")
+            lines.append(
+                f"| {name:<20} | {r['median_s'] * 1e3:>9.1f} | "
+                f"{(f'{ratio:.2f}x' if ratio else '-'):>12} | {r['gb_per_s']:>6.1f} | "
+                f"{(f'{peak:.0f}' if peak is not None else '-'):>8} | "
+                f"{r['first_step_s']:>12.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = report["suites"]
+    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], suites):
+        rows = [(n, r["ratio_to_adam_fused"]) for n, r in s["results"].items()
+                if r.get("ratio_to_adam_fused")]
+        names = [n for n, _ in rows]
+        ratios = [v for _, v in rows]
+        colors = ["tab:orange" if n.startswith("adopt-") else "tab:gray" for n in names]
+        ax.barh(names, ratios, color=colors)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(f"({s['suite']}) {s['title']}")
+        ax.set_xlabel("median step time / fused Adam (log)")
+    fig.suptitle(f"adoptim bench, {report['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up: a fresh process to its first fused step, with a cold and a warm kernel cache
+
+
+def _startup_child(suite: str, scale: float) -> None:
+    """Run in a fresh process: steps ADOPT(fused=True) until the kernel has run once."""
+    t_start = time.perf_counter()
+    from adoptim import ADOPT, _fused
+
+    params = _make_params(suite_shapes(suite, scale), 0)
+    t_params = time.perf_counter()
+    opt = ADOPT(params, fused=True)
+    opt.step()
+    first = time.perf_counter()
+    steps = 1
+    while _fused._op is None and time.perf_counter() - first < 600:
+        opt.step()
+        steps += 1
+    if _fused._op is None:
+        raise RuntimeError("the fused kernel was not ready after 600 s")
+    opt.step()  # a step that certainly ran the kernel
+    done = time.perf_counter()
+    # Setup (imports excluded) counts from after the parameters exist.
+    print(json.dumps({
+        "first_step_s": first - t_params,
+        "first_kernel_step_s": done - t_params,
+        "steps_before_kernel": steps,
+        "import_and_params_s": t_params - t_start,
+    }))
+
+
+def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
+    """Cold (empty extension cache, so the kernel is built) and warm (cache filled) runs."""
+    out: dict[str, Any] = {"suite": suite}
+    with tempfile.TemporaryDirectory(prefix="adoptim-bench-cache-") as cache:
+        env = dict(os.environ, TORCH_EXTENSIONS_DIR=cache)
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "adoptim.bench", "--startup-child", suite, str(scale)],
+                env=env, capture_output=True, text=True, check=True,
+            )
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res["process_s"] = time.perf_counter() - t0
+            out[label] = res
+            if label == "cold":
+                from adoptim import _fused
+
+                # The detached builder may still be copying; wait for the published library.
+                key_dir = Path(cache) / "adoptim_fused" / _fused._cache_key()
+                for _ in range(600):
+                    if (key_dir / "adoptim_fused.so").exists() and not (
+                        key_dir / "building.pid"
+                    ).exists():
+                        break
+                    time.sleep(0.1)
+    return out
+
+
+def format_startup(s: dict[str, Any]) -> str:
+    lines = [
+        f"\nFresh process to the first ADOPT(fused=True) step, suite ({s['suite']}); times "
+        "from when the parameters exist (imports and parameter creation listed apart):",
+        f"| {'cache':<5} | {'first step s':>12} | {'first kernel step s':>19} | "
+        f"{'steps before kernel':>19} | {'imports+params s':>16} | {'whole process s':>15} |",
+        f"|{'-' * 7}|{'-' * 13}:|{'-' * 20}:|{'-' * 20}:|{'-' * 17}:|{'-' * 16}:|",
+    ]
+    for label in ("cold", "warm"):
+        r = s[label]
+        lines.append(
+            f"| {label:<5} | {r['first_step_s']:>12.2f} | {r['first_kernel_step_s']:>19.2f} | "
+            f"{r['steps_before_kernel']:>19} | {r['import_and_params_s']:>16.2f} | "
+            f"{r['process_s']:>15.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suites", default="a,b,c", help="comma-separated: a, b, c (default all)")
+    parser.add_argument(
+        "--optimizers",
+        default="*",
+        help="comma-separated names or patterns (adam-*, adopt-fused, ...); adam-fused is always "
+        f"added as the baseline. Known: {', '.join(e.name for e in OPTIMIZERS)}",
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every tensor size (e.g. 0.01 to try)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.png")
+    parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="also time a fresh process to its first fused step on suite b, cold and warm cache",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _select(patterns: str) -> list[Entry]:
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    unknown = [w for w in wanted if not any(fnmatch.fnmatch(e.name, w) for e in OPTIMIZERS)]
+    if unknown:
+        raise SystemExit(f"unknown optimizer(s): {', '.join(unknown)}")
+    chosen = [e for e in OPTIMIZERS if any(fnmatch.fnmatch(e.name, w) for w in wanted)]
+    if not any(e.name == "adam-fused" for e in chosen):
+        chosen.insert(0, OPTIMIZERS[0])
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    for s in suites:
+        if s not in SUITES:
+            raise SystemExit(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
+    entries = _select(args.optimizers)
+    machine = (
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(f"adoptim bench: {machine}", flush=True)
+    report: dict[str, Any] = {
+        "machine": machine,
+        "command": "adoptim bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+        else "adoptim bench",
+        "args": vars(args),
+        "bytes_per_param": BYTES_PER_PARAM,
+        "suites": [],
+    }
+    with tqdm(total=len(suites) * len(entries), disable=args.no_progress, leave=False) as bar:
+        for suite in suites:
+            report["suites"].append(
+                run_suite(suite, entries, warmup=args.warmup, repeats=args.repeats,
+                          scale=args.scale, progress=bar)
+            )
+            gc.collect()
+    print(format_table(report), flush=True)
+    if args.startup:
+        report["startup"] = measure_startup("b", args.scale)
+        print(format_startup(report["startup"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--startup-child":
+        _startup_child(sys.argv[2], float(sys.argv[3]))
+    else:
+        from adoptim.cli import main
+
+        sys.exit(main(["bench", *sys.argv[1:]]))
