@@ -54,7 +54,14 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
         path = exp.report(sweep, exp_dir)
         dt = time.time() - t0
         print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
-        lines.append(f"- [{name}]({name}/report.md): {exp.description}")
+    # the index lists every experiment whose report exists, also from earlier invocations
+    for name in dict.fromkeys([*REGISTRY, *names]):
+        if (root / name / "report.md").exists():
+            try:
+                description = get_experiment(name).description
+            except Exception:  # an experiment module that no longer imports
+                description = ""
+            lines.append(f"- [{name}]({name}/report.md): {description}")
     index = root / "README.md"
     index.write_text("\n".join(lines) + "\n")
     return index

@@ -1,0 +1,203 @@
+"""The shared experiment runner: seeds, data order, metrics, resume, reports, reproduce."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from adoptim.experiments import REGISTRY, get_experiment
+from adoptim.experiments import reproduce as reproduce_mod
+from adoptim.experiments.optimizers import OPTIMIZERS, make_optimizer
+from adoptim.experiments.runner import (
+    Experiment,
+    Report,
+    batch_indices,
+    load_metrics,
+    load_results,
+    markdown_table,
+    new_figure,
+    run_id,
+    run_sweep,
+    seed_everything,
+    summarize,
+)
+
+
+@dataclass
+class Cfg:
+    seed: int = 0
+    steps: int = 3
+    lr: float = 0.1
+
+
+def _train(cfg: Cfg, ctx) -> dict:
+    torch.manual_seed(cfg.seed)
+    x = 0.0
+    for step in ctx.bar(range(cfg.steps)):
+        x += torch.randn(()).item() * cfg.lr
+        ctx.log(step=step, x=x)
+    return {"final_x": x}
+
+
+def test_sweep_writes_metrics_and_results(tmp_path):
+    dirs = run_sweep([Cfg(seed=0), Cfg(seed=1)], tmp_path, _train, progress=False)
+    assert len(dirs) == 2 and len(set(dirs)) == 2
+    for d in dirs:
+        assert (d / "result.json").exists() and (d / "config.json").exists()
+        rows = load_metrics(d)
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        csv_lines = (d / "metrics.csv").read_text().splitlines()
+        assert csv_lines[0] == "step,x" and len(csv_lines) == 4
+    results = load_results(tmp_path)
+    assert sorted(r["config"]["seed"] for r in results) == [0, 1]
+    assert all(r["final_x"] == load_metrics(r["dir"])[-1]["x"] for r in results)
+
+
+def test_same_seed_same_result_different_seed_different(tmp_path):
+    run_sweep([Cfg(seed=3)], tmp_path / "a", _train, progress=False)
+    run_sweep([Cfg(seed=3)], tmp_path / "b", _train, progress=False)
+    run_sweep([Cfg(seed=4)], tmp_path / "c", _train, progress=False)
+    a, b, c = (load_results(tmp_path / n)[0]["final_x"] for n in "abc")
+    assert a == b and a != c
+
+
+def test_resume_skips_finished_and_restarts_partial(tmp_path):
+    calls = []
+
+    def counting(cfg, ctx):
+        calls.append(cfg.seed)
+        return _train(cfg, ctx)
+
+    sweep = [Cfg(seed=s) for s in range(3)]
+    dirs = run_sweep(sweep, tmp_path, counting, progress=False)
+    assert calls == [0, 1, 2]
+    # simulate a run cut off mid-way: result.json missing, a stale metrics file left behind
+    (dirs[1] / "result.json").unlink()
+    (dirs[1] / "metrics.jsonl").write_text('{"step": 99, "x": 1.0}\n')
+    calls.clear()
+    run_sweep(sweep, tmp_path, counting, progress=False)
+    assert calls == [1]  # only the unfinished run ran again
+    assert [r["step"] for r in load_metrics(dirs[1])] == [0, 1, 2]  # stale rows gone
+    calls.clear()
+    run_sweep(sweep + [Cfg(seed=7)], tmp_path, counting, progress=False)
+    assert calls == [7]
+
+
+def test_failed_run_is_not_marked_done(tmp_path):
+    def boom(cfg, ctx):
+        ctx.log(step=0)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_sweep([Cfg()], tmp_path, boom, progress=False)
+    assert load_results(tmp_path) == []
+
+
+def test_run_id_stable_and_distinct():
+    assert run_id(Cfg(seed=1)) == run_id(Cfg(seed=1))
+    assert run_id(Cfg(seed=1), ["seed"]) != run_id(Cfg(seed=1, lr=0.2), ["seed"])
+    assert run_id(Cfg(seed=1), ["seed"]).startswith("seed=1_")
+    with pytest.raises(ValueError):
+        run_sweep([Cfg(), Cfg()], "/tmp/unused-adoptim", _train, progress=False)
+
+
+def test_seeding_and_data_order():
+    seed_everything(5)
+    a = torch.randn(4)
+    seed_everything(5)
+    assert torch.equal(a, torch.randn(4))
+    e1 = batch_indices(10, 4, seed=0, epoch=1)
+    assert [len(b) for b in e1] == [4, 4, 2]
+    assert sorted(torch.cat(e1).tolist()) == list(range(10))
+    torch.randn(100)  # other random draws must not change the data order
+    assert all(torch.equal(x, y) for x, y in zip(e1, batch_indices(10, 4, seed=0, epoch=1)))
+    assert not torch.equal(torch.cat(e1), torch.cat(batch_indices(10, 4, seed=0, epoch=2)))
+    assert not torch.equal(torch.cat(e1), torch.cat(batch_indices(10, 4, seed=1, epoch=1)))
+    assert [len(b) for b in batch_indices(10, 4, 0, 1, drop_last=True)] == [4, 4]
+
+
+def test_summarize_and_table():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == 2.5 and s["n"] == 4 and s["median"] == 2.5
+    assert s["std"] == pytest.approx(1.2909944, rel=1e-6)
+    assert summarize([7.0])["std"] == 0.0
+    t = markdown_table(["a", "b"], [[1, 0.5], ["x", 2.0]]).splitlines()
+    assert t[0] == "| a | b |" and t[2] == "| 1 | 0.500 |" and len(t) == 4
+
+
+def test_report_writes_markdown_and_png(tmp_path):
+    rep = Report(tmp_path, "Title")
+    rep.text("Some text.")
+    rep.table(["opt", "acc"], [["adam", 0.9], ["adopt", 0.91]], "caption")
+    fig, axes = new_figure()
+    axes[0][0].plot([0, 1], [0, 1])
+    rep.figure(fig, "plot.png", "a plot")
+    path = rep.write()
+    text = path.read_text()
+    assert path == tmp_path / "report.md"
+    assert text.startswith("# Title") and "| adam | 0.900 |" in text and "| adopt |" in text
+    assert "![a plot](plot.png)" in text
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optimizer_by_name():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for name in OPTIMIZERS:
+        opt = make_optimizer(name, p, lr=1e-3, betas=(0.9, 0.99))
+        assert isinstance(opt, torch.optim.Optimizer)
+    assert make_optimizer("amsgrad", p, lr=1e-3).defaults["amsgrad"] is True
+    assert make_optimizer("adopt-noclip", p, lr=1e-3).defaults["clip_exp"] is None
+    assert make_optimizer("ADOPT", p, lr=1e-3).defaults["clip_exp"] == 0.25
+    with pytest.raises(KeyError, match="unknown optimizer"):
+        make_optimizer("nope", p, lr=1.0)
+
+
+def test_registry_entries_are_experiments():
+    for name in ("toy", "mlp", "lr_sweep"):
+        assert name in REGISTRY
+        exp = get_experiment(name)
+        assert isinstance(exp, Experiment) and exp.name == name
+        assert exp.quick() and exp.full()
+    with pytest.raises(KeyError):
+        get_experiment("nope")
+
+
+def test_reproduce_runs_a_registered_experiment(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def run(sweep, out, progress=True):
+        seen["profile"] = sweep
+        run_sweep([Cfg(steps=2)], out, _train, progress=progress)
+
+    def report(sweep, out):
+        rep = Report(out, "fake")
+        rep.table(["seed", "x"], [[r["config"]["seed"], r["final_x"]] for r in load_results(out)])
+        return rep.write()
+
+    fake = Experiment("fake", "a fake experiment", lambda: "q", lambda: "f", run, report)
+    monkeypatch.setitem(REGISTRY, "fake", "unused.module")
+    monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
+    from adoptim.cli import main
+
+    assert main(["reproduce", "fake", "--full", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert seen["profile"] == "f"
+    report_path = tmp_path / "full" / "fake" / "report.md"
+    assert str(report_path) in out and report_path.exists()
+    assert "| 0 |" in report_path.read_text()
+    index = (tmp_path / "full" / "README.md").read_text()
+    assert "[fake](fake/report.md)" in index
+    assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_reproduce_help_lists_profiles(capsys):
+    from adoptim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--full" in out and "--out" in out
