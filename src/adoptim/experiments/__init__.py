@@ -18,6 +18,10 @@ REGISTRY: dict[str, str] = {
     "toy": "adoptim.experiments.toy",
     "mlp": "adoptim.experiments.mlp",
     "lr_sweep": "adoptim.experiments.lr_sweep",
+    "resnet": "adoptim.experiments.resnet",
+    "vae": "adoptim.experiments.vae",
+    "gpt": "adoptim.experiments.gpt",
+    "rl_sac": "adoptim.experiments.rl_sac",
 }
 
 

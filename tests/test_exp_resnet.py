@@ -1,0 +1,95 @@
+"""ResNet experiment: the CIFAR-10 pickle loader (on files written here in the same format),
+the model, the lr schedule, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from adoptim.experiments import resnet
+from adoptim.experiments.runner import RunContext
+
+
+def _write_fake_cifar(folder, n_per_batch=20, n_test=16, seed=0):
+    """CIFAR-10's python format: pickled dicts with b'data' uint8 (N, 3072) and b'labels'."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for name, n in [(f"data_batch_{i}", n_per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+        batches[name] = d
+    return batches
+
+
+def test_load_cifar10_reads_the_python_pickle_format(tmp_path):
+    batches = _write_fake_cifar(tmp_path)
+    xtr, ytr, xte, yte = resnet.load_cifar10(tmp_path)
+    assert xtr.shape == (100, 3, 32, 32) and xtr.dtype == np.uint8
+    assert xte.shape == (16, 3, 32, 32) and ytr.dtype == np.int64
+    # channel-major rows: the first 1024 bytes are the red plane, row by row
+    first = batches["data_batch_1"][b"data"][0]
+    assert np.array_equal(xtr[0, 0].ravel(), first[:1024])
+    assert np.array_equal(xtr[0, 2, 31], first[2048 + 31 * 32: 2048 + 32 * 32])
+    assert ytr[20] == batches["data_batch_2"][b"labels"][0]
+    assert list(yte) == batches["test_batch"][b"labels"]
+
+
+def test_load_cifar10_names_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        resnet.load_cifar10(tmp_path)
+
+
+def test_resnet20_shape_and_size():
+    model = resnet.resnet20(in_channels=3)
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.26e6 < n < 0.29e6  # He et al.: 0.27M
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError):
+        resnet.ResNet(depth=21)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    a = resnet.Args(lr=1.0, steps=100, warmup_steps=10)
+    assert resnet.lr_at(0, a) == pytest.approx(0.1)
+    assert resnet.lr_at(9, a) == pytest.approx(1.0)
+    assert resnet.lr_at(10, a) == pytest.approx(1.0)
+    assert resnet.lr_at(55, a) == pytest.approx(0.5)
+    assert resnet.lr_at(99, a) < 0.01
+    assert resnet.lr_at(0, resnet.Args(lr=1.0, steps=100)) == 1.0  # no warmup
+
+
+def test_tiny_cifar_run_trains_and_logs(tmp_path):
+    _write_fake_cifar(tmp_path)
+    a = resnet.Args(dataset="cifar10", data_path=str(tmp_path), optimizer="adopt", depth=8,
+                    width=4, train_subset=64, test_subset=16, steps=4, batch_size=16,
+                    eval_every=2, warmup_steps=2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ctx = RunContext(run_dir, a, progress=False)
+    out = resnet.train(a, ctx)
+    ctx.finish(out)
+    assert out["train/finite"] and 0.0 <= out["test/final_acc"] <= 1.0
+    assert math.isfinite(out["test/final_loss"])
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3  # evaluations at steps 0, 2, 4
+
+
+def test_augment_keeps_shape_and_content_scale():
+    x = torch.randn(8, 3, 32, 32)
+    y = resnet.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    assert y.abs().max() <= x.abs().max()
+
+
+def test_registered():
+    from adoptim.experiments import get_experiment
+
+    exp = get_experiment("resnet")
+    assert exp.name == "resnet" and len(exp.full()) == 8
