@@ -1,0 +1,71 @@
+"""The MLP experiment and the lr x beta2 sweep at tiny size, on generated IDX data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adoptim.experiments import lr_sweep, mlp
+from adoptim.experiments.data import write_idx
+from adoptim.experiments.mlp import MLPConfig, train
+from adoptim.experiments.runner import load_metrics
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> Path:
+    """A learnable 10-class MNIST-format dataset: class c lights up row band c, plus noise."""
+    folder = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("t10k", 100)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 80, (n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 2 * c + 4 : 2 * c + 6, :] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", x.astype(np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", y.astype(np.uint8))
+    return folder
+
+
+def _cfg(blobs, **kw) -> MLPConfig:
+    base = dict(dataset="idx", data_path=str(blobs), hidden=16, epochs=3, batch_size=32)
+    return MLPConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "amsgrad", "adashift", "adopt"])
+def test_each_optimizer_learns(blobs, optimizer):
+    lr = 1e-2 if optimizer != "adashift" else 3e-2
+    out = train(_cfg(blobs, optimizer=optimizer, lr=lr))
+    assert out["final"]["train/acc"] > 0.5 and out["final"]["test/acc"] > 0.5  # chance: 0.1
+    assert out["beta2_used"] == (0.9999 if optimizer == "adopt" else 0.999)
+
+
+def test_same_seed_same_run(blobs):
+    a, b = train(_cfg(blobs, seed=1)), train(_cfg(blobs, seed=1))
+    c = train(_cfg(blobs, seed=2))
+    assert a["final"]["train/loss"] == b["final"]["train/loss"]
+    assert a["final"]["train/loss"] != c["final"]["train/loss"]
+
+
+def test_mlp_experiment_tiny(blobs, tmp_path):
+    sweep = [_cfg(blobs, optimizer=o, seed=s, epochs=2) for o in mlp.COMPARED for s in range(2)]
+    mlp.EXPERIMENT.run(sweep, tmp_path, progress=False)
+    text = mlp.EXPERIMENT.report(sweep, tmp_path).read_text()
+    for o in mlp.COMPARED:
+        assert f"| {mlp.LABELS[o]} |" in text
+    assert text.count("| 2 |") == 4  # two seeds per optimizer
+    assert (tmp_path / "mlp_idx.png").exists()
+    rows = load_metrics(next(tmp_path.glob("runs/*")))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train/acc", "test/acc", "train/loss", "test/loss"} <= set(rows[0])
+
+
+def test_lr_sweep_tiny(blobs, tmp_path):
+    sweep = lr_sweep.grid(_cfg(blobs, epochs=1), lrs=(1e-3, 1e-1), beta2s=(0.1, 0.999), seeds=1)
+    assert len(sweep) == 2 * 2 * 2
+    lr_sweep.EXPERIMENT.run(sweep, tmp_path, progress=False)
+    text = lr_sweep.EXPERIMENT.report(sweep, tmp_path).read_text()
+    assert "**Adam: final train loss**" in text and "**ADOPT: final test accuracy**" in text
+    assert "| 0.1 |" in text and "| 0.999 |" in text
+    assert (tmp_path / "lr_beta2_heatmap.png").exists()
