@@ -31,6 +31,8 @@ __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
 ClipSpec = Union[float, Callable[[Any], Any], None]
+# Param-group flags that choose how the step runs rather than what it computes.
+_PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 class PowerClip:
@@ -222,8 +224,18 @@ class ADOPT(Optimizer):
             # A GradScaler then hands its scale and inf flag to step() instead of unscaling.
             self._step_supports_amp_scaling = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer pickles (and deep-copies) only defaults, state and param_groups; keep the
+        # custom clip schedule and GradScaler's fused hand-off flag as well.
+        state = super().__getstate__()
+        state["clip_lambda"] = self.clip_lambda
+        if getattr(self, "_step_supports_amp_scaling", False):
+            state["_step_supports_amp_scaling"] = True
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("clip_lambda", None)
         clip_exp = self.defaults.get("clip_exp", 0.25)
         for group in self.param_groups:
             # State dicts from torch-adopt have none of these keys; its default clip is t**0.25.
@@ -248,8 +260,116 @@ class ADOPT(Optimizer):
                 "'amsgrad'); ADOPT's moments mean something else. Load it into the Adam "
                 "optimizer it came from and convert that with ADOPT.from_adam(adam)."
             )
+        # Which path runs is the loading optimizer's choice, not the checkpoint's: keep this
+        # optimizer's flags (torch would take the saved ones), so a state dict saved with
+        # foreach=True loads into a for-loop or fused optimizer and runs there.
+        kept = [{k: g[k] for k in _PATH_FLAGS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         _fused.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
+        for group, flags in zip(self.param_groups, kept):
+            group.update(flags)
+            for p in group["params"]:  # `step` on the device only when capturable
+                step = self.state.get(p, {}).get("step")
+                if isinstance(step, Tensor):
+                    device = p.device if group["capturable"] else torch.device("cpu")
+                    self.state[p]["step"] = step.to(device=device, dtype=torch.float32)
+
+    @classmethod
+    def from_adam(cls, adam: Optimizer, *, exp_avg: str = "normalized", **overrides: Any):
+        r"""Warm-start ADOPT from a ``torch.optim.Adam``/``AdamW`` optimizer (to continue from
+        an Adam checkpoint, load it into the Adam optimizer first).
+
+        The new optimizer holds the same parameters and param groups (``lr``, ``betas``,
+        ``weight_decay``, ``maximize``; AdamW, or Adam with ``decoupled_weight_decay``, gives
+        decoupled decay), with ``overrides`` applied to every group (e.g. ``lr=...``). Adam's
+        ``eps`` is *added* to ``sqrt(v)``, ADOPT's is a floor, so ``eps`` is not carried over:
+        ADOPT's default (or ``eps=`` in overrides) is used.
+
+        State, per parameter with Adam state after ``t`` Adam steps:
+
+        * ``step = t``: ADOPT has seen ``t`` gradients, so the next call is an update, with
+          clip bound ``c_t``.
+        * ``exp_avg_sq = v_adam / (1 - beta2^t)``: Adam's ``exp_avg_sq`` is the same EMA of
+          ``g*g`` that ADOPT keeps, except that it starts from 0 and is bias-corrected only
+          when used; ADOPT's starts from ``g_1^2`` and is never corrected. The corrected value
+          is ADOPT's ``v`` over the same gradients (exactly so for ``t = 1``), which ADOPT
+          uses as the previous ``v`` to normalise the next gradient.
+        * ``exp_avg``: Adam's ``m`` is an EMA of raw gradients, ADOPT's an EMA of normalised,
+          clipped gradients ``n = clip(g / max(sqrt(v), eps), c)``, so it cannot be copied.
+          ``exp_avg="normalized"`` (default) uses
+          ``m = clip(m_adam / max(sqrt(v), eps), c_t)`` with the ``v`` above: ``v`` moves
+          slowly (``beta2`` close to 1), so dividing the average of past gradients by today's
+          ``sqrt(v)`` approximates the average of past normalised gradients, and the clip
+          keeps it inside the bound every past ``n`` obeyed. Neither is bias-corrected, like
+          ADOPT's own ``m``. The run continues in the direction and at about the step size
+          Adam was taking. ``exp_avg="zero"`` restarts momentum instead (as a fresh ADOPT
+          does; updates are small for the first ~``1/(1 - beta1)`` steps).
+
+        Parameters without Adam state (no step yet) start fresh.
+        """
+        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(
+                f"from_adam expects a torch.optim.Adam or AdamW optimizer, got "
+                f"{type(adam).__name__}"
+            )
+        if exp_avg not in ("normalized", "zero"):
+            raise ValueError(f"exp_avg must be 'normalized' or 'zero', got {exp_avg!r}")
+        groups = []
+        for g in adam.param_groups:
+            group: dict[str, Any] = {
+                "params": list(g["params"]),
+                "lr": g["lr"],
+                "betas": tuple(g["betas"]),
+                "weight_decay": g["weight_decay"],
+                "maximize": g.get("maximize", False),
+            }
+            if cls is ADOPT:
+                decoupled = isinstance(adam, torch.optim.AdamW) or g.get(
+                    "decoupled_weight_decay", False
+                )
+                group["decouple"] = bool(decoupled)
+            group.update(overrides)
+            groups.append(group)
+        new = cls(groups)
+        for group, adam_group in zip(new.param_groups, adam.param_groups):
+            beta2 = group["betas"][1]
+            beta2_adam = float(adam_group["betas"][1])
+            for p in group["params"]:
+                old = adam.state.get(p, {})
+                if "step" not in old:
+                    continue
+                t = float(old["step"])
+                if t == 0:
+                    continue
+                dtype = _fused.state_dtype_for(p, group["state_dtype"])
+                real = p.real if torch.is_complex(p) else p
+                work = torch.promote_types(real.dtype, torch.float32)
+                v_adam, m_adam = (
+                    view_as_real_if_complex(old[k])[0].to(work) for k in ("exp_avg_sq", "exp_avg")
+                )
+                v = v_adam / (1 - beta2_adam**t)
+                if exp_avg == "normalized":
+                    m = m_adam / v.sqrt().clamp(min=group["eps"])
+                    (bound,), _, _ = _call_scalars(
+                        [torch.tensor(t)],
+                        as_tensors=False,
+                        lr=0.0,
+                        beta2=beta2,
+                        weight_decay=0.0,
+                        clip_exp=group["clip_exp"],
+                        clip_fn=new.clip_lambda,
+                    )
+                    m = m.clamp(-bound, bound)
+                else:
+                    m = torch.zeros_like(v)
+                state = new.state[p]
+                device = p.device if group["capturable"] else torch.device("cpu")
+                state["step"] = torch.tensor(t, dtype=torch.float32, device=device)
+                for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+                    buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    view_as_real_if_complex(buf)[0].copy_(value)
+                    state[key] = buf
+        return new
 
     def _init_group(
         self,
@@ -471,7 +591,6 @@ def _call_scalars(
     steps: list[Tensor],
     *,
     as_tensors: bool,
-    dtype: torch.dtype,
     lr: float | Tensor,
     beta2: float,
     weight_decay: float,
@@ -486,7 +605,11 @@ def _call_scalars(
       * the weight of ``g*g`` in ``v = lerp(v, g*g, w)``: ``1 - beta2``, or 1 on the first
         call, where v is still 0 and becomes ``g*g``;
       * the decoupled-decay factor ``1 - lr * weight_decay``, or 1 on the first call.
+
+    They are computed in float64 (float32 on MPS, which has no float64) and rounded once
+    where an op meets the tensor: ``1 - beta2`` formed in float32 would be 1.7e-4 off.
     """
+    dtype = torch.float32 if steps[0].device.type == "mps" else torch.float64
     s = torch.stack(steps) if as_tensors else torch.tensor([t.item() for t in steps])
     s = s.to(dtype)
     first = s == 0
@@ -504,12 +627,6 @@ def _call_scalars(
     if as_tensors:
         return list(bound.unbind()), list(sq_weight.unbind()), list(decay.unbind())
     return bound.tolist(), sq_weight.tolist(), decay.tolist()
-
-
-def _scalar_dtype(param: Tensor) -> torch.dtype:
-    """float64 scalars for float64 parameters, float32 otherwise."""
-    real = param.real if torch.is_complex(param) else param
-    return torch.promote_types(real.dtype, torch.float32)
 
 
 def _single_tensor_adopt(
@@ -542,8 +659,7 @@ def _single_tensor_adopt(
         clip_fn=clip_fn,
     )
     if not scalars_as_tensors:  # one host-side computation for the whole group
-        dtype = torch.float64
-        bounds, sq_weights, decays = _call_scalars(state_steps, dtype=dtype, **scalar_kw)
+        bounds, sq_weights, decays = _call_scalars(state_steps, **scalar_kw)
 
     # A tensor weight_decay (differentiable mode) is always applied: no branch on its value.
     has_decay = isinstance(weight_decay, Tensor) or weight_decay != 0
@@ -551,9 +667,7 @@ def _single_tensor_adopt(
     for i, param in enumerate(params):
         grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         if scalars_as_tensors:
-            (bound,), (sq_weight,), (decay,) = _call_scalars(
-                [step_t], dtype=_scalar_dtype(param), **scalar_kw
-            )
+            (bound,), (sq_weight,), (decay,) = _call_scalars([step_t], **scalar_kw)
         else:
             bound, sq_weight, decay = bounds[i], sq_weights[i], decays[i]
 
@@ -615,7 +729,6 @@ def _multi_tensor_adopt(
         bounds, sq_weights, decays = _call_scalars(
             b_steps,
             as_tensors=scalars_as_tensors,
-            dtype=_scalar_dtype(b_params[0]),
             lr=lr,
             beta2=beta2,
             weight_decay=weight_decay if decouple else 0.0,
