@@ -422,8 +422,15 @@ def fused_adopt(
             raise RuntimeError(failure)
     if op is None:
         run_unfused(
-            _single_tensor_adopt, params, grads, exp_avgs, exp_avg_sqs, state_steps,
-            grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, **kwargs,
+            _single_tensor_adopt,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            grad_scale=grad_scale,
+            stochastic_rounding=stochastic_rounding,
+            **kwargs,
         )
         return
 
@@ -461,24 +468,45 @@ def fused_adopt(
             b_m.append(m)
             b_v.append(v)
         scalars = torch.tensor(
-            [[bounds[i] for i in index], [sq_weights[i] for i in index], [decays[i] for i in index]],
+            [
+                [bounds[i] for i in index],
+                [sq_weights[i] for i in index],
+                [decays[i] for i in index],
+            ],
             dtype=torch.float64,
         )
         stochastic = stochastic_rounding and p_dtype == torch.bfloat16
         # Drawn from torch's generator so that torch.manual_seed makes runs repeatable.
         seed = int(torch.randint(0, 2**62, ())) if stochastic else 0
         op(
-            b_params, b_grads, b_m, b_v, scalars, lr, kwargs["beta1"], kwargs["eps"],
-            weight_decay, weight_decay != 0 and not decouple, kwargs["maximize"], scale,
-            stochastic, seed,
+            b_params,
+            b_grads,
+            b_m,
+            b_v,
+            scalars,
+            lr,
+            kwargs["beta1"],
+            kwargs["eps"],
+            weight_decay,
+            weight_decay != 0 and not decouple,
+            kwargs["maximize"],
+            scale,
+            stochastic,
+            seed,
         )
         torch._foreach_add_([state_steps[i] for i in index], 1)
     if aside:
-        pick = lambda seq: [seq[i] for i in aside]  # noqa: E731
+        pick = lambda seq: [seq[i] for i in aside]
         run_unfused(
-            _single_tensor_adopt, pick(params), pick(grads), pick(exp_avgs),
-            pick(exp_avg_sqs), pick(state_steps), grad_scale=grad_scale,
-            stochastic_rounding=stochastic_rounding, **kwargs,
+            _single_tensor_adopt,
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(state_steps),
+            grad_scale=grad_scale,
+            stochastic_rounding=stochastic_rounding,
+            **kwargs,
         )
 
 
@@ -504,4 +532,3 @@ def _buildable() -> bool:
         ok = unsupported_reason() is None and _failure_message(kernel_path().parent) is None
         _buildable_cache[key] = ok
     return _buildable_cache[key]
-

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUITES", "OPTIMIZERS", "add_arguments", "run", "suite_shapes"]
+__all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "run", "suite_shapes"]
 
 BYTES_PER_PARAM = 28  # 4 float32 reads + 3 writes
 
@@ -60,12 +61,18 @@ def _gpt2_small_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
         shapes += [
-            (d,), (d,),  # ln_1
-            (d, 3 * d), (3 * d,),  # attn.c_attn
-            (d, d), (d,),  # attn.c_proj
-            (d,), (d,),  # ln_2
-            (d, 4 * d), (4 * d,),  # mlp.c_fc
-            (4 * d, d), (d,),  # mlp.c_proj
+            (d,),
+            (d,),  # ln_1
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn
+            (d, d),
+            (d,),  # attn.c_proj
+            (d,),
+            (d,),  # ln_2
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc
+            (4 * d, d),
+            (d,),  # mlp.c_proj
         ]
     return shapes + [(d,), (d,)]  # ln_f
 
@@ -82,7 +89,7 @@ def suite_shapes(suite: str, scale: float = 1.0) -> list[tuple[int, ...]]:
     shapes = SUITES[suite][1]()
     if scale == 1.0:
         return shapes
-    return [(max(1, int(round(torch.Size(s).numel() * scale))),) for s in shapes]
+    return [(max(1, round(torch.Size(s).numel() * scale)),) for s in shapes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ class _PeakRSS:
         except OSError:
             return 0
 
-    def __enter__(self) -> _PeakRSS:
+    def __enter__(self):
         self.base = self.rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -201,7 +208,7 @@ class _PeakRSS:
         while not self._stop.wait(0.001):
             self.peak = max(self.peak, self.rss())
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
@@ -330,8 +337,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     suites = report["suites"]
     fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4.5), squeeze=False)
     for ax, s in zip(axes[0], suites):
-        rows = [(n, r["ratio_to_adam_fused"]) for n, r in s["results"].items()
-                if r.get("ratio_to_adam_fused")]
+        rows = [
+            (n, r["ratio_to_adam_fused"])
+            for n, r in s["results"].items()
+            if r.get("ratio_to_adam_fused")
+        ]
         names = [n for n, _ in rows]
         ratios = [v for _, v in rows]
         colors = ["tab:orange" if n.startswith("adopt-") else "tab:gray" for n in names]
@@ -370,12 +380,16 @@ def _startup_child(suite: str, scale: float) -> None:
     opt.step()  # a step that certainly ran the kernel
     done = time.perf_counter()
     # Setup (imports excluded) counts from after the parameters exist.
-    print(json.dumps({
-        "first_step_s": first - t_params,
-        "first_kernel_step_s": done - t_params,
-        "steps_before_kernel": steps,
-        "import_and_params_s": t_params - t_start,
-    }))
+    print(
+        json.dumps(
+            {
+                "first_step_s": first - t_params,
+                "first_kernel_step_s": done - t_params,
+                "steps_before_kernel": steps,
+                "import_and_params_s": t_params - t_start,
+            }
+        )
+    )
 
 
 def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
@@ -387,7 +401,10 @@ def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, "-m", "adoptim.bench", "--startup-child", suite, str(scale)],
-                env=env, capture_output=True, text=True, check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             res["process_s"] = time.perf_counter() - t0
@@ -408,10 +425,14 @@ def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
 
 def format_startup(s: dict[str, Any]) -> str:
     lines = [
-        f"\nFresh process to the first ADOPT(fused=True) step, suite ({s['suite']}); times "
-        "from when the parameters exist (imports and parameter creation listed apart):",
-        f"| {'cache':<5} | {'first step s':>12} | {'first kernel step s':>19} | "
-        f"{'steps before kernel':>19} | {'imports+params s':>16} | {'whole process s':>15} |",
+        (
+            f"\nFresh process to the first ADOPT(fused=True) step, suite ({s['suite']}); times "
+            "from when the parameters exist (imports and parameter creation listed apart):"
+        ),
+        (
+            f"| {'cache':<5} | {'first step s':>12} | {'first kernel step s':>19} | "
+            f"{'steps before kernel':>19} | {'imports+params s':>16} | {'whole process s':>15} |"
+        ),
         f"|{'-' * 7}|{'-' * 13}:|{'-' * 20}:|{'-' * 20}:|{'-' * 17}:|{'-' * 16}:|",
     ]
     for label in ("cold", "warm"):
@@ -465,6 +486,9 @@ def _select(patterns: str) -> list[Entry]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    # torch-adopt 0.1.0 calls a deprecated torch helper on every step.
+    warnings.filterwarnings("ignore", message=".*torch._utils.is_compiling.*")
+
     if args.threads:
         torch.set_num_threads(args.threads)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -479,7 +503,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"adoptim bench: {machine}", flush=True)
     report: dict[str, Any] = {
         "machine": machine,
-        "command": "adoptim bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+        "command": "adoptim bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
         else "adoptim bench",
         "args": vars(args),
         "bytes_per_param": BYTES_PER_PARAM,
@@ -488,8 +513,14 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(suites) * len(entries), disable=args.no_progress, leave=False) as bar:
         for suite in suites:
             report["suites"].append(
-                run_suite(suite, entries, warmup=args.warmup, repeats=args.repeats,
-                          scale=args.scale, progress=bar)
+                run_suite(
+                    suite,
+                    entries,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    scale=args.scale,
+                    progress=bar,
+                )
             )
             gc.collect()
     print(format_table(report), flush=True)
