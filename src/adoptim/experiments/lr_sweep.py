@@ -75,20 +75,27 @@ Lower train loss / higher accuracy is better; a blank cell diverged (non-finite 
         for oi, o in enumerate(opts):
             ax, m = axes[mi][oi], mats[o]
             shown = np.log10(np.maximum(m, 1e-6)) if log else m
-            vmin, vmax = (np.log10(max(lo, 1e-6)), np.log10(max(hi, 1e-6))) if log else (lo, hi)
+            # losses above 10 (chance is ln 10 = 2.3) all get the darkest colour
+            vmin, vmax = ((np.log10(max(lo, 1e-6)), np.log10(max(min(hi, 10.0), 1e-5)))
+                          if log else (lo, hi))
+            vmax = max(vmax, vmin + 1e-9)
             im = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
             for i in range(len(beta2s)):
                 for j in range(len(lrs)):
                     v = m[i, j]
                     txt = "div" if not np.isfinite(v) else (f"{v:.3g}" if log else f"{100*v:.1f}")
-                    ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="w")
+                    frac = (np.clip(shown[i, j], vmin, vmax) - vmin) / (vmax - vmin)
+                    bright = frac < 0.5 if log else frac > 0.5  # yellow end of viridis
+                    ax.text(j, i, txt, ha="center", va="center", fontsize=7,
+                            color="k" if np.isfinite(v) and bright else "w")
             ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=8)
             ax.set_yticks(range(len(beta2s)), [f"{b:g}" for b in beta2s], fontsize=8)
             ax.set_xlabel("lr")
             ax.set_ylabel("β2")
             ax.set_title(f"{LABELS.get(o, o)}: {title}" + (" (log color)" if log else ""),
                          fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046)
+            cb.set_label("log10 loss" if log else "accuracy", fontsize=8)
         for o in opts:
             rows = [[f"{b2:g}", *[("div" if not np.isfinite(mats[o][i, j]) else
                                    (f"{mats[o][i, j]:.4g}" if log else f"{100 * mats[o][i, j]:.2f}"))
