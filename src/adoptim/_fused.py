@@ -169,6 +169,12 @@ def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
     if os.environ.get("ADOPTIM_DISABLE_FUSED", "") not in ("", "0"):
         return "the fused kernel is disabled by the environment variable ADOPTIM_DISABLE_FUSED"
     for p in params or ():
+        if type(p) not in (Tensor, torch.nn.Parameter):
+            return (
+                f"the fused kernel takes plain tensors, and a parameter is a {type(p).__name__} "
+                "(e.g. a DTensor from FSDP2 or tensor parallelism); use foreach=True or "
+                "leave fused unset"
+            )
         if p.device.type != "cpu":
             return (
                 f"the fused kernel runs on CPU tensors only and a parameter is on {p.device}; "
@@ -520,6 +526,8 @@ def default_to_fused(params: list[Tensor], differentiable: bool) -> bool:
         return False
     if not all(p.device.type == "cpu" and p.dtype in SUPPORTED_DTYPES for p in params):
         return False
+    if not all(type(p) in (Tensor, torch.nn.Parameter) for p in params):
+        return False  # tensor subclasses (FSDP2's DTensor shards) take the unfused paths
     return _op is not None or _buildable()
 
 
