@@ -258,7 +258,9 @@ def _headers(cfg: dict) -> list[str]:
 
 def report(sweep: list[ToyConfig], out: Path) -> Path:
     out = Path(out)
-    results = [r for r in load_results(out)]
+    wanted = {(c.optimizer, c.steps) for c in sweep}  # other horizons may share the folder
+    results = [r for r in load_results(out)
+               if (r["config"]["optimizer"], r["config"]["steps"]) in wanted]
     c0 = sweep[0]
     rep = Report(out, "Toy problem: Adam vs ADOPT on the paper's convex counterexample")
     rep.text(f"""
