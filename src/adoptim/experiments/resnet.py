@@ -86,6 +86,8 @@ class Args:
     """cosine decay from lr to lr*min_lr_ratio after the warmup"""
     weight_decay: float = 0.0
     """weight decay (L2 for adam/adopt, decoupled for adamw/adoptw)"""
+    beta2: float = 0.0
+    """beta2 for the optimizer (0: its default, Adam 0.999 and ADOPT 0.9999)"""
     augment: bool = True
     """random crop (pad 4) and horizontal flip"""
     eval_every: int = 100
@@ -242,7 +244,8 @@ def train(a: Args, ctx=None) -> dict:
         xte, yte = xte[:a.test_subset], yte[:a.test_subset]
 
     model = ResNet(a.depth, a.width, xtr.shape[1], int(ytr.max()) + 1).to(device)
-    optimizer = make_optimizer(a.optimizer, model.parameters(), lr=a.lr,
+    betas = (0.9, a.beta2) if a.beta2 else None
+    optimizer = make_optimizer(a.optimizer, model.parameters(), lr=a.lr, betas=betas,
                                weight_decay=a.weight_decay)
 
     t0 = time.time()
@@ -312,6 +315,10 @@ def full_sweep() -> list[Args]:
 _KEYS = ["optimizer", "warmup_steps", "seed", "steps", "dataset"]
 
 
+def _label(c: dict) -> str:
+    return c["optimizer"] + (f" (beta2 {c['beta2']})" if c.get("beta2") else "")
+
+
 def run(sweep, out: Path, progress: bool = True) -> None:
     sweep = sweep if isinstance(sweep, list) else [sweep]
     run_sweep(sweep, out, train, name="resnet", keys=_KEYS, progress=progress)
@@ -328,15 +335,16 @@ def report(sweep, out: Path) -> Path:
                  f"images, {c['test_subset'] or 'all'} test images), {c['steps']} steps of "
                  f"{c['batch_size']}, lr {c['lr']} with cosine decay, augmentation "
                  f"{c['augment']}. Spread over seeds.")
-    groups = sorted({(r["config"]["warmup_steps"], r["config"]["optimizer"]) for r in results})
+    for r in results:
+        r["label"] = _label(r["config"])
+    groups = sorted({(r["config"]["warmup_steps"], r["label"]) for r in results})
     rows = []
     warmups = sorted({w for w, _ in groups})
     fig, axes = new_figure(1, max(1, len(warmups)))
     for j, w in enumerate(warmups):
         ax = axes[0][j]
         for k, o in enumerate(sorted({o for ww, o in groups if ww == w})):
-            rs = [r for r in results if r["config"]["warmup_steps"] == w
-                  and r["config"]["optimizer"] == o]
+            rs = [r for r in results if r["config"]["warmup_steps"] == w and r["label"] == o]
             acc = summarize(100 * r["test/final_acc"] for r in rs)
             tl = summarize(r["train/last50_loss"] for r in rs)
             secs = summarize(r["seconds"] for r in rs)

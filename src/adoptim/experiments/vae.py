@@ -74,6 +74,8 @@ class Args:
     """minibatch size"""
     lr: float = 1e-3
     """learning rate, the same for every optimizer"""
+    beta2: float = 0.0
+    """beta2 for the optimizer (0: its default, Adam/Adamax 0.999 and ADOPT 0.9999)"""
     iw_samples: int = 64
     """K, importance samples per image for the NLL estimate"""
     eval_every: int = 5
@@ -176,7 +178,8 @@ def train(a: Args, ctx=None) -> dict:
     xtr, xte = xtr.to(device), xte.to(device)
 
     model = ConvVAE(a.latent, a.channels).to(device)
-    optimizer = make_optimizer(a.optimizer, model.parameters(), lr=a.lr)
+    betas = (0.9, a.beta2) if a.beta2 else None
+    optimizer = make_optimizer(a.optimizer, model.parameters(), lr=a.lr, betas=betas)
 
     t0 = time.time()
     bar = ctx.bar(total=a.epochs) if ctx is not None else None
@@ -235,6 +238,10 @@ def full_sweep() -> list[Args]:
 _KEYS = ["optimizer", "seed", "epochs", "dataset"]
 
 
+def _label(c: dict) -> str:
+    return c["optimizer"] + (f" (beta2 {c['beta2']})" if c.get("beta2") else "")
+
+
 def run(sweep, out: Path, progress: bool = True) -> None:
     sweep = sweep if isinstance(sweep, list) else [sweep]
     run_sweep(sweep, out, train, name="vae", keys=_KEYS, progress=progress)
@@ -253,9 +260,11 @@ def report(sweep, out: Path) -> Path:
                  "nats per image (lower is better); spread over seeds.")
     rows = []
     fig, axes = new_figure(1, 2)
-    for k, o in enumerate(o for o in OPTIMIZERS if any(r["config"]["optimizer"] == o
-                                                         for r in results)):
-        rs = [r for r in results if r["config"]["optimizer"] == o]
+    for r in results:
+        r["label"] = _label(r["config"])
+    for k, o in enumerate(sorted({r["label"] for r in results},
+                                 key=lambda s: (OPTIMIZERS.index(s.split()[0]), s))):
+        rs = [r for r in results if r["label"] == o]
         ne, nll = summarize(r["test/nelbo"] for r in rs), summarize(r["test/iw_nll"] for r in rs)
         secs = summarize(r["seconds"] for r in rs)
         rows.append([o, ne["n"], f"{ne['mean']:.2f} ± {ne['std']:.2f}",
