@@ -201,3 +201,24 @@ def test_reproduce_help_lists_profiles(capsys):
         main(["reproduce", "--help"])
     out = capsys.readouterr().out
     assert "--quick" in out and "--full" in out and "--out" in out
+
+
+def test_config_arguments_roundtrip():
+    import argparse
+
+    from adoptim.experiments.runner import add_config_arguments, config_from_args
+
+    @dataclass
+    class C:
+        name: str = "a"
+        lr: float = 0.1
+        ks: tuple[int, ...] = (1, 2)
+        beta2: float | None = None
+        flag: bool = False
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, C)
+    assert config_from_args(C, parser.parse_args([])) == C()
+    got = config_from_args(C, parser.parse_args(
+        ["--lr", "0.5", "--ks", "3", "4", "--beta2", "0.9", "--flag", "true", "--name", "b"]))
+    assert got == C(name="b", lr=0.5, ks=(3, 4), beta2=0.9, flag=True)

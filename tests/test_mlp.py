@@ -69,3 +69,15 @@ def test_lr_sweep_tiny(blobs, tmp_path):
     assert "**Adam: final train loss**" in text and "**ADOPT: final test accuracy**" in text
     assert "| 0.1 |" in text and "| 0.999 |" in text
     assert (tmp_path / "lr_beta2_heatmap.png").exists()
+
+
+def test_command_line_run_on_a_user_idx_folder(blobs, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "adoptim.experiments.mlp", "--dataset", "idx", "--data-path",
+         str(blobs), "--hidden", "8", "--epochs", "1", "--optimizer", "adopt",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=True)
+    assert "'epoch': 1" in out.stdout and "metrics.csv" in out.stdout
+    assert len(list(tmp_path.glob("runs/*/result.json"))) == 1

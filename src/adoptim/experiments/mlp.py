@@ -234,5 +234,20 @@ EXPERIMENT = Experiment(
 )
 
 if __name__ == "__main__":
+    # one run from the command line, e.g. on any MNIST-format IDX folder:
+    #   python -m adoptim.experiments.mlp --dataset idx --data-path DIR --optimizer adopt --out runs/x
+    import argparse
+
+    from adoptim.experiments.runner import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, MLPConfig)
+    parser.add_argument("--out", default="runs/mlp", help="output folder (default runs/mlp)")
+    args = parser.parse_args()
+    cfg = config_from_args(MLPConfig, args)
     set_threads()
-    print(train(MLPConfig(epochs=2)))
+    print(cfg)
+    [run_dir] = run_sweep([cfg], args.out, train, name="mlp")
+    for row in load_metrics(run_dir):
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    print(f"metrics: {run_dir}/metrics.csv")

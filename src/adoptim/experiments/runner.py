@@ -78,8 +78,10 @@ __all__ = [
     "Experiment",
     "Report",
     "RunContext",
+    "add_config_arguments",
     "batch_indices",
     "config_dict",
+    "config_from_args",
     "fmt",
     "load_metrics",
     "load_results",
@@ -137,6 +139,38 @@ def run_id(cfg: Any, keys: Sequence[str] | None = None) -> str:
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
     name = "_".join(parts).replace("/", "-").replace(" ", "")
     return f"{name}_{digest}" if len(name) < 150 else f"run_{digest}"
+
+
+def add_config_arguments(parser, cls: type) -> None:
+    """One ``--field-name`` option per field of the dataclass ``cls`` (default: its default)."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda x: x.lower() in ("1", "true", "yes"),
+                                default=default, help=f"(default {default})")
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            parser.add_argument(flag, type=kind, nargs="+", default=default,
+                                help=f"(default {' '.join(map(str, default))})")
+        else:
+            kind = type(default) if default is not None else _none_or_number
+            parser.add_argument(flag, type=kind, default=default, help=f"(default {default})")
+
+
+def _none_or_number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text.lower() == "none" else text
+
+
+def config_from_args(cls: type, args) -> Any:
+    """The dataclass ``cls`` filled from parsed :func:`add_config_arguments` options."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def seed_everything(seed: int) -> torch.Generator:
