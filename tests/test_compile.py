@@ -155,3 +155,18 @@ def test_compiled_training_step_matches_eager():
     comp_losses, comp_params = run(True)
     torch.testing.assert_close(comp_losses, eager_losses)
     torch.testing.assert_close(comp_params, eager_params)
+
+
+def test_scheduler_wrapped_step_still_one_graph_like_adam():
+    # An lr scheduler wraps opt.step in a helper that dynamo skips (fullgraph=True on
+    # opt.step then fails, for torch.optim.Adam too); the step inside is one graph.
+    counts = []
+    for cls in (torch.optim.Adam, ADOPT):
+        model = make_model()
+        opt = cls(model.parameters(), lr=torch.tensor(1e-2))
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        set_random_grads(model.parameters(), torch.Generator().manual_seed(0))
+        torch._dynamo.reset()
+        report = torch._dynamo.explain(opt.step)()
+        counts.append((report.graph_count, report.graph_break_count))
+    assert counts[1] == counts[0] == (1, 0)
