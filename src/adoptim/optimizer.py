@@ -602,7 +602,7 @@ def _call_scalars(
     Returns three lists (Python floats, or 0-dim tensors when ``as_tensors``):
       * the clip bound: ``s ** clip_exp`` (or ``clip_fn(s)``, or inf without clipping) for
         s >= 1, and 0 on the first call, which zeroes n so neither m nor theta moves;
-      * the weight of ``g*g`` in ``v = lerp(v, g*g, w)``: ``1 - beta2``, or 1 on the first
+      * the weight w of ``g*g`` in ``v = beta2*v + w*g*g``: ``1 - beta2``, or 1 on the first
         call, where v is still 0 and becomes ``g*g``;
       * the decoupled-decay factor ``1 - lr * weight_decay``, or 1 on the first call.
 
@@ -695,7 +695,11 @@ def _single_tensor_adopt(
             param.addcmul_(exp_avg.clone() if tracking else exp_avg, lr, value=-1)
         else:  # theta = theta - lr*m
             param.add_(exp_avg, alpha=-lr)
-        exp_avg_sq.lerp_(grad * grad, sq_weight)  # v = beta2*v + (1-beta2)*g*g
+        # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
+        if isinstance(sq_weight, Tensor):  # addcmul's value must be a number
+            exp_avg_sq.mul_(beta2).addcmul_(grad * sq_weight, grad)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=sq_weight)
         step_t += 1
 
 
@@ -759,6 +763,10 @@ def _multi_tensor_adopt(
             torch._foreach_sub_(b_params, torch._foreach_mul(b_exp_avgs, lr))
         else:
             torch._foreach_add_(b_params, b_exp_avgs, alpha=-lr)
-        grad_sq = torch._foreach_mul(b_grads, b_grads)
-        torch._foreach_lerp_(b_exp_avg_sqs, grad_sq, sq_weights)  # v = beta2*v + (1-beta2)*g*g
+        # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
+        torch._foreach_mul_(b_exp_avg_sqs, beta2)
+        if scalars_as_tensors:  # addcmul's per-tensor scalars must be numbers
+            torch._foreach_addcmul_(b_exp_avg_sqs, torch._foreach_mul(b_grads, sq_weights), b_grads)
+        else:
+            torch._foreach_addcmul_(b_exp_avg_sqs, b_grads, b_grads, sq_weights)
         torch._foreach_add_(b_steps, 1)
