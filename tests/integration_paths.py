@@ -26,6 +26,13 @@ def fused_unavailable_reason() -> str | None:
     """None when ``ADOPT(..., fused=True)`` can be built here, else why not."""
     try:
         ADOPT([torch.zeros(2, requires_grad=True)], fused=True)
+        # The kernel is built in the background on first use and the for-loop code runs
+        # until it is ready; wait, so that a "fused" test runs the kernel from start to end.
+        from adoptim import _fused
+
+        load = getattr(_fused, "load_kernel", None)
+        if load is not None:
+            load(build=True, wait=True, timeout=600)
     except (RuntimeError, ValueError, TypeError) as exc:
         return f"fused=True unavailable here: {exc}"
     return None
