@@ -257,3 +257,16 @@ def test_deepcopy_and_pickle_keep_a_custom_clip_schedule():
     for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert copied.clip_lambda is not None and copied.clip_lambda(8.0) == 2.0
         assert copied.param_groups[0]["clip_exp"] is None
+
+
+def test_from_adam_copies_a_tensor_lr():
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2))
+    _train(model, adam, batches(1))
+    opt = ADOPT.from_adam(adam)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    _train(model, opt, batches(1), sched)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(5e-3)
+    assert float(adam.param_groups[0]["lr"]) == pytest.approx(
+        1e-2
+    )  # Adam's lr tensor is not shared

@@ -314,12 +314,15 @@ class ADOPT(Optimizer):
             )
         if exp_avg not in ("normalized", "zero"):
             raise ValueError(f"exp_avg must be 'normalized' or 'zero', got {exp_avg!r}")
+        def own(value: Any) -> Any:  # a tensor lr/beta is copied, not shared with Adam's
+            return value.detach().clone() if isinstance(value, Tensor) else value
+
         groups = []
         for g in adam.param_groups:
             group: dict[str, Any] = {
                 "params": list(g["params"]),
-                "lr": g["lr"],
-                "betas": tuple(g["betas"]),
+                "lr": own(g["lr"]),
+                "betas": tuple(own(b) for b in g["betas"]),
                 "weight_decay": g["weight_decay"],
                 "maximize": g.get("maximize", False),
             }
