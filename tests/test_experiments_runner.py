@@ -222,3 +222,11 @@ def test_config_arguments_roundtrip():
     got = config_from_args(C, parser.parse_args(
         ["--lr", "0.5", "--ks", "3", "4", "--beta2", "0.9", "--flag", "true", "--name", "b"]))
     assert got == C(name="b", lr=0.5, ks=(3, 4), beta2=0.9, flag=True)
+
+
+def test_load_results_filters_by_sweep(tmp_path):
+    run_sweep([Cfg(seed=0), Cfg(seed=1, steps=2)], tmp_path, _train, progress=False)
+    assert len(load_results(tmp_path)) == 2
+    only = load_results(tmp_path, [Cfg(seed=1, steps=2)])
+    assert [r["config"]["seed"] for r in only] == [1]
+    assert load_results(tmp_path, [Cfg(seed=1)]) == []  # same seed, other config

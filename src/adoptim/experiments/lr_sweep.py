@@ -51,7 +51,7 @@ def _cell(results, opt, lr, b2, key):
 
 def _report(sweep: list[MLPConfig], out: Path) -> Path:
     out = Path(out)
-    results = load_results(out)
+    results = load_results(out, sweep)
     opts = list(dict.fromkeys(c.optimizer for c in sweep))
     lrs = sorted(dict.fromkeys(c.lr for c in sweep))
     beta2s = sorted(dict.fromkeys(c.beta2 for c in sweep))

@@ -172,7 +172,7 @@ def _curves(results: list[dict], dataset: str, metric: str, ax, title: str) -> N
 
 def _report(sweep: list[MLPConfig], out: Path) -> Path:
     out = Path(out)
-    results = load_results(out)
+    results = load_results(out, sweep)
     rep = Report(out, "MLP classification: ADOPT vs Adam, AMSGrad, AdaShift")
     c0 = sweep[0]
     rep.text(f"""
@@ -228,7 +228,7 @@ EXPERIMENT = Experiment(
     description="MLP on MNIST-5k / Fashion-MNIST: ADOPT vs Adam, AMSGrad, AdaShift",
     quick=lambda: _sweep({"mnist5k": (2, {"epochs": 5})}),
     # sized for ~40 min on 2 busy cores (Fashion-MNIST: ~4 s/epoch/run at 1 thread, unloaded)
-    full=lambda: _sweep({"mnist5k": (3, {"epochs": 30}), "fashion-mnist": (2, {"epochs": 5})}),
+    full=lambda: _sweep({"mnist5k": (3, {"epochs": 30}), "fashion-mnist": (3, {"epochs": 10})}),
     run=_run,
     report=_report,
 )

@@ -297,12 +297,18 @@ def run_sweep(
 
 
 # ----------------------------------------------------------------------------- reading back
-def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+def load_results(out_dir: str | Path, sweep: Sequence[Any] | None = None) -> list[dict[str, Any]]:
     """Every finished run under ``out_dir/runs``: its ``result.json`` (which holds ``config``)
-    plus ``dir``, sorted by folder name."""
+    plus ``dir``, sorted by folder name. With ``sweep``, only runs whose config is one of the
+    sweep's (a folder may also hold runs of another profile or an older sweep)."""
+    wanted = None
+    if sweep is not None:
+        wanted = {json.dumps(config_dict(c), sort_keys=True) for c in sweep}
     out = []
     for f in sorted(Path(out_dir).glob(f"runs/*/{RESULT_FILE}")):
         r = json.loads(f.read_text())
+        if wanted is not None and json.dumps(r["config"], sort_keys=True) not in wanted:
+            continue
         r["dir"] = str(f.parent)
         out.append(r)
     return out

@@ -258,9 +258,7 @@ def _headers(cfg: dict) -> list[str]:
 
 def report(sweep: list[ToyConfig], out: Path) -> Path:
     out = Path(out)
-    wanted = {(c.optimizer, c.steps) for c in sweep}  # other horizons may share the folder
-    results = [r for r in load_results(out)
-               if (r["config"]["optimizer"], r["config"]["steps"]) in wanted]
+    results = load_results(out, sweep)  # only this sweep's runs (other horizons may be there)
     c0 = sweep[0]
     rep = Report(out, "Toy problem: Adam vs ADOPT on the paper's convex counterexample")
     rep.text(f"""
