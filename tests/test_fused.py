@@ -558,7 +558,7 @@ def test_cold_build_in_fresh_cache(tmp_path):
 
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "adoptim.bench", "--startup-child", "b", "0.001"],
+        [sys.executable, "-m", "adoptim.bench", "--startup-child", "b", "0.001", "adopt", "0"],
         env=env,
         capture_output=True,
         text=True,
@@ -567,5 +567,5 @@ def test_cold_build_in_fresh_cache(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["first_step_s"] < 30
+    assert res["first_step_s"] < 30 and res["steps_until_kernel_ran"] >= 1
     assert list(tmp_path.glob("adoptim_fused/*/adoptim_fused.so"))
