@@ -461,7 +461,8 @@ def quick_sweep() -> list[Args]:
 def full_sweep() -> list[Args]:
     """CPU-sized full profile: AdamW (beta2 0.95) vs ADOPTW (beta2 0.9999, the paper's
     default, and 0.999) x small (4) / large (16) batch x 2 seeds, 500 steps of the default
-    0.37M-parameter model with a 64-byte context.
+    0.37M-parameter model with a 64-byte context; plus AdamW vs ADOPTW at 5x the lr (1e-2)
+    with the small batch.
 
     ADOPT has no bias correction: v starts at g_1^2 and, with beta2 = 0.9999, is still 95%
     that first value after 500 steps; the 0.999 variant shows how much of the gap at this
@@ -469,8 +470,11 @@ def full_sweep() -> list[Args]:
     base = Args(max_iters=500, warmup_iters=50, eval_interval=50)
     sweep = [replace(base, optimizer=o, batch_size=b, seed=s) for b in (SMALL_BATCH, LARGE_BATCH)
              for s in (1, 2) for o in ("adamw", "adoptw")]
-    return sweep + [replace(base, optimizer="adoptw", adopt_beta2=0.999, batch_size=b, seed=s)
-                    for b in (SMALL_BATCH, LARGE_BATCH) for s in (1, 2)]
+    sweep += [replace(base, optimizer="adoptw", adopt_beta2=0.999, batch_size=b, seed=s)
+              for b in (SMALL_BATCH, LARGE_BATCH) for s in (1, 2)]
+    # a stress arm: 5x the peak lr at the small batch, where spikes are likeliest
+    return sweep + [replace(base, optimizer=o, batch_size=SMALL_BATCH, seed=s, lr=1e-2,
+                            min_lr=1e-3) for s in (1, 2) for o in ("adamw", "adoptw")]
 
 
 _KEYS = ["optimizer", "batch_size", "seed", "max_iters"]
@@ -501,22 +505,23 @@ def report(sweep, out: Path) -> Path:
                  f"ADOPTW betas ({c0['beta1']}, {c0['adopt_beta2']}), weight decay "
                  f"{c0['weight_decay']}. Spike: loss > {c0['spike_ratio']} x median of the "
                  f"previous {c0['spike_window']} steps, after warmup.")
-    batches = sorted({r["config"]["batch_size"] for r in results})
+    batches = sorted({(r["config"]["batch_size"], r["config"]["lr"]) for r in results})
     for r in results:
         r["label"] = _label(r["config"])
     opts = sorted({r["label"] for r in results})
     rows = []
     fig, axes = new_figure(2, max(1, len(batches)))
-    for j, b in enumerate(batches):
+    for j, (b, lr) in enumerate(batches):
         for k, o in enumerate(opts):
-            rs = [r for r in results if r["config"]["batch_size"] == b and r["label"] == o]
+            rs = [r for r in results if r["config"]["batch_size"] == b
+                  and r["config"]["lr"] == lr and r["label"] == o]
             if not rs:
                 continue
             v = summarize(r["val/final_loss"] for r in rs)
             sp = [r["spikes/count"] for r in rs]
             mr = summarize(r["spikes/max_ratio"] for r in rs)
             secs = summarize(r["seconds"] for r in rs)
-            rows.append([b, o, v["n"], f"{v['mean']:.4f} ± {v['std']:.4f}",
+            rows.append([b, lr, o, v["n"], f"{v['mean']:.4f} ± {v['std']:.4f}",
                          f"{summarize(r['train/last50_loss'] for r in rs)['mean']:.4f}",
                          f"{sum(sp)} ({', '.join(map(str, sp))})", f"{mr['max']:.2f}",
                          f"{secs['mean']:.0f}"])
@@ -538,14 +543,14 @@ def report(sweep, out: Path) -> Path:
                     ax.plot(g, mean, color=color, label=f"{o} (mean of {len(rs)})")
                     ax.fill_between(g, lo, hi, color=color, alpha=0.2)
             axes[0][j].plot([], [], color=color, label=o)
-        axes[0][j].set_title(f"batch {b}: training loss per step (dotted: spikes)")
-        axes[1][j].set_title(f"batch {b}: validation loss")
+        axes[0][j].set_title(f"batch {b}, lr {lr}: training loss (dotted: spikes)")
+        axes[1][j].set_title(f"batch {b}, lr {lr}: validation loss")
         for i in (0, 1):
             axes[i][j].set_xlabel("step")
             axes[i][j].set_ylabel("loss (nats/byte)")
             axes[i][j].legend()
         axes[0][j].set_ylim(top=min(4.0, axes[0][j].get_ylim()[1]))
-    rep.table(["batch", "optimizer", "seeds", "final val loss (mean ± std)",
+    rep.table(["batch", "peak lr", "optimizer", "seeds", "final val loss (mean ± std)",
                "train loss, last 50 steps", "spikes total (per seed)",
                "max loss / running median", "seconds/run"], rows)
     rep.figure(fig, "gpt_loss.png", "Top: training loss of every seed (spikes dotted). "

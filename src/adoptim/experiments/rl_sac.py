@@ -304,6 +304,9 @@ def train(args: Args, ctx=None) -> dict:
                     for net, tgt in ((qf1, qf1_target), (qf2, qf2_target)):
                         for p, tp in zip(net.parameters(), tgt.parameters()):
                             tp.lerp_(p, args.tau)  # tp = tau*p + (1-tau)*tp
+        if ctx is not None and (global_step + 1) % args.log_every == 0:
+            ctx.log(step=global_step + 1, **losses,
+                    **{"charts/SPS": (global_step + 1) / (time.time() - start)})
         if bar is not None:
             bar.update(1)
     if bar is not None:
