@@ -492,6 +492,7 @@ def fused_adopt(
             scalars,
             lr,
             kwargs["beta1"],
+            kwargs["beta2"],
             kwargs["eps"],
             weight_decay,
             weight_decay != 0 and not decouple,

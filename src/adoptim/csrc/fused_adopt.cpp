@@ -4,7 +4,8 @@
 // one read and one write of each element: 4 loads (theta, g, m, v) and 3 stores (theta, m, v),
 // the 28 bytes/param that the benchmark counts. The per-tensor scalars (clip bound, weight of
 // g*g in v, decoupled-decay factor) come from Python, computed by the same code as the other
-// paths (optimizer._call_scalars), so the schedule lives in one place.
+// paths (optimizer._call_scalars), so the schedule lives in one place. The update follows the
+// for-loop path's operations in its order, so that the two agree to float32 rounding.
 //
 // Work is split over the *concatenation* of all tensors, not tensor by tensor: one
 // at::parallel_for over the total element count, each thread walking the tensors its range
@@ -31,14 +32,13 @@ namespace {
 
 struct Hyper {
   // Held in double and cast to the compute type where used, as torch casts Python scalars.
-  double lr, beta1_weight, eps, coupled_wd, grad_mul;
+  double lr, beta1_weight, beta2, eps, coupled_wd, grad_mul;
   bool coupled;
   bool stochastic;
   uint64_t seed;
 };
 
-// torch.lerp's formula (CPU): exact at weight 0 and 1, which the first call relies on
-// (v = lerp(0, g*g, 1) must be g*g exactly).
+// torch.lerp's formula (CPU), as the other paths update m with lerp_.
 template <typename C>
 inline C lerp(C a, C b, C w) {
   return w < C(0.5) ? a + w * (b - a) : b - (b - a) * (C(1) - w);
@@ -82,6 +82,7 @@ void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __
                   int64_t n, const Hyper& h, C bound, C sq_weight, C decay,
                   uint64_t first_index) {
   const C lr = static_cast<C>(h.lr), w1 = static_cast<C>(h.beta1_weight);
+  const C beta2 = static_cast<C>(h.beta2);
   const C eps = static_cast<C>(h.eps), wd = static_cast<C>(h.coupled_wd);
   const C gmul = static_cast<C>(h.grad_mul);
   for (int64_t i = 0; i < n; ++i) {
@@ -99,7 +100,9 @@ void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __
     normed = normed > bound ? bound : normed;
     C mi = lerp(static_cast<C>(m[i]), normed, w1);  // m = beta1*m + (1-beta1)*n
     theta = theta - lr * mi;
-    vi = lerp(vi, grad * grad, sq_weight);  // v = beta2*v + (1-beta2)*g*g (w=1 on call 1)
+    // v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0); the order of
+    // the other paths' mul_(beta2).addcmul_(g, g, value=w)
+    vi = vi * beta2 + sq_weight * grad * grad;
     m[i] = static_cast<S>(mi);
     v[i] = static_cast<S>(vi);
     p[i] = round_param<P, C>(theta, h, first_index + static_cast<uint64_t>(i));
@@ -144,7 +147,7 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 
 void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, const at::Tensor& scalars, double lr, double beta1,
-                  double eps, double weight_decay, bool coupled, bool maximize,
+                  double beta2, double eps, double weight_decay, bool coupled, bool maximize,
                   double grad_scale, bool stochastic, int64_t seed) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count,
@@ -178,6 +181,7 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
   Hyper h;
   h.lr = lr;
   h.beta1_weight = 1.0 - beta1;
+  h.beta2 = beta2;
   h.eps = eps;
   h.coupled = coupled && weight_decay != 0.0;
   h.coupled_wd = weight_decay;
@@ -211,7 +215,7 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
 TORCH_LIBRARY(adoptim, m) {
   m.def(
       "fused_adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor scalars, float lr, float beta1, float eps, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor scalars, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool coupled, bool maximize, float grad_scale, "
       "bool stochastic, int seed) -> ()");
 }
