@@ -533,7 +533,10 @@ def report(sweep, out: Path) -> Path:
                 va = [(row["step"], row["val/loss"]) for row in m if "val/loss" in row]
                 tr_curves.append(([s for s, _ in tr], [x for _, x in tr]))
                 va_curves.append(([s for s, _ in va], [x for _, x in va]))
-                axes[0][j].plot(*tr_curves[-1], lw=0.5, alpha=0.45, color=color)
+                axes[0][j].plot(*tr_curves[-1], lw=0.3, alpha=0.25, color=color)
+                if len(tr) >= 25:  # 25-step moving average, to see the trend through the noise
+                    ma = np.convolve(tr_curves[-1][1], np.ones(25) / 25, mode="valid")
+                    axes[0][j].plot(tr_curves[-1][0][24:], ma, lw=1.0, color=color)
                 for s in r["spikes/steps"]:
                     axes[0][j].axvline(s + 1, color=color, lw=0.6, ls=":")
             for curves, ax in ((va_curves, axes[1][j]),):
@@ -553,7 +556,8 @@ def report(sweep, out: Path) -> Path:
     rep.table(["batch", "peak lr", "optimizer", "seeds", "final val loss (mean ± std)",
                "train loss, last 50 steps", "spikes total (per seed)",
                "max loss / running median", "seconds/run"], rows)
-    rep.figure(fig, "gpt_loss.png", "Top: training loss of every seed (spikes dotted). "
+    rep.figure(fig, "gpt_loss.png", "Top: training loss of every seed, raw (faint) and "
+                                    "25-step moving average; spikes dotted. "
                                     "Bottom: validation loss, mean and min-max over seeds.")
     return rep.write()
 
