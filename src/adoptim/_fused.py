@@ -211,6 +211,7 @@ def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
 _op: Callable | None = None
 _lock = threading.Lock()
 _last_poll = 0.0
+_builder: subprocess.Popen | None = None  # the builder this process started, if any
 
 
 def _builder_alive(marker: Path) -> bool:
@@ -219,8 +220,12 @@ def _builder_alive(marker: Path) -> bool:
         age = time.time() - marker.stat().st_mtime
     except (OSError, ValueError):
         return False
-    if pid <= 0 or age > _BUILD_TTL_S:
+    if pid <= 0:
+        return age < 10.0  # just created: its owner is about to write the builder's pid
+    if age > _BUILD_TTL_S:
         return False
+    if _builder is not None and _builder.pid == pid:
+        return _builder.poll() is None  # our own child: poll() also reaps it when it ends
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -250,6 +255,8 @@ def _start_build(directory: Path) -> None:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # survives this process
             )
+        global _builder
+        _builder = proc
         os.write(fd, str(proc.pid).encode())
         os.close(fd)
         return
