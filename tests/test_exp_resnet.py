@@ -92,4 +92,4 @@ def test_registered():
     from adoptim.experiments import get_experiment
 
     exp = get_experiment("resnet")
-    assert exp.name == "resnet" and len(exp.full()) == 8
+    assert exp.name == "resnet" and len(exp.full()) == 12
