@@ -150,7 +150,8 @@ def _run(sweep: list[MLPConfig], out: Path, progress: bool = True) -> None:
               keys=["dataset", "optimizer", "seed"])
 
 
-def _curves(results: list[dict], dataset: str, metric: str, ax, title: str) -> None:
+def _curves(results: list[dict], dataset: str, metric: str, ax, title: str,
+            percent: bool = True) -> None:
     import numpy as np
 
     for opt in dict.fromkeys(r["config"]["optimizer"] for r in results):
@@ -159,14 +160,17 @@ def _curves(results: list[dict], dataset: str, metric: str, ax, title: str) -> N
         if not runs:
             continue
         n = min(len(m) for m in runs)
-        a = np.array([[row[metric] for row in m[:n]] for m in runs]) * 100  # (seeds, epochs)
+        a = np.array([[row[metric] for row in m[:n]] for m in runs])  # (seeds, epochs)
+        a = a * 100 if percent else a
         x = np.arange(1, n + 1)
         mean = a.mean(0)
         ax.plot(x, mean, color=COLORS.get(opt), label=LABELS.get(opt, opt))
         ax.fill_between(x, a.min(0), a.max(0), color=COLORS.get(opt), alpha=0.2, linewidth=0)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if percent else metric)
+    if not percent:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
 
 
@@ -205,15 +209,18 @@ over seeds (n = number of seeds); plots: mean with min-max band over seeds.
         rep.text(f"## {dataset} ({epochs} epochs)")
         rep.table(["optimizer", "train acc %", "test acc %", "best test acc %",
                    "train loss", "seeds", "s/run"], rows)
-        fig, axes = new_figure(1, 2, width=5.0, height=3.6)
+        fig, axes = new_figure(1, 3, width=4.4, height=3.4)
         _curves(rs, dataset, "train/acc", axes[0][0], f"{dataset}: train accuracy")
         _curves(rs, dataset, "test/acc", axes[0][1], f"{dataset}: test accuracy")
+        _curves(rs, dataset, "train/loss", axes[0][2], f"{dataset}: train loss (log)",
+                percent=False)
         axes[0][0].legend(fontsize=8)
-        for ax in axes[0]:
+        for ax in axes[0][:2]:
             lo = min(line.get_ydata().min() for line in ax.get_lines()) if ax.get_lines() else 0
             ax.set_ylim(max(lo - 1, 0), 100.5)
         rep.figure(fig, f"mlp_{dataset}.png",
-                   f"{dataset}: accuracy against epochs (mean, min-max band over seeds)")
+                   f"{dataset}: accuracy and train loss against epochs (mean, min-max band "
+                   "over seeds)")
     return rep.write()
 
 
