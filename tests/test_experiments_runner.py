@@ -194,6 +194,37 @@ def test_reproduce_runs_a_registered_experiment(tmp_path, monkeypatch, capsys):
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
 
 
+def test_reproduce_skips_an_experiment_whose_data_is_missing(tmp_path, monkeypatch, capsys):
+    from adoptim.experiments.data import DataUnavailableError
+
+    def run_missing(sweep, out, progress=True):
+        raise DataUnavailableError("no such dataset here: install it with apt")
+
+    def run_ok(sweep, out, progress=True):
+        run_sweep([Cfg(steps=2)], out, _train, progress=progress)
+
+    def report(sweep, out):
+        return Report(out, "ok").write()
+
+    experiments = {
+        "missing": Experiment("missing", "needs data", lambda: "q", lambda: "f", run_missing,
+                              report),
+        "ok": Experiment("ok", "needs nothing", lambda: "q", lambda: "f", run_ok, report),
+    }
+    for name in experiments:
+        monkeypatch.setitem(REGISTRY, name, "unused.module")
+    monkeypatch.setattr(reproduce_mod, "get_experiment", experiments.__getitem__)
+    from adoptim.cli import main
+
+    assert main(["reproduce", "missing", "ok", "--out", str(tmp_path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "[missing] SKIPPED, data missing: no such dataset here" in out
+    assert (tmp_path / "quick" / "ok" / "report.md").exists()  # the others still ran
+    assert not (tmp_path / "quick" / "missing" / "report.md").exists()
+    index = (tmp_path / "quick" / "README.md").read_text()
+    assert "- missing: skipped, data missing: no such dataset here" in index
+
+
 def test_reproduce_help_lists_profiles(capsys):
     from adoptim.cli import main
 

