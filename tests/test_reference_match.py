@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import Hyper, ReferenceADOPT, as_real
 
 from adoptim import ADOPT
-from reference import Hyper, ReferenceADOPT, as_real
 
 N_STEPS = 50
 

@@ -510,7 +510,9 @@ def fused_adopt(
         )
         torch._foreach_add_([state_steps[i] for i in index], 1)
     if aside:
-        pick = lambda seq: [seq[i] for i in aside]
+        def pick(seq: list) -> list:
+            return [seq[i] for i in aside]
+
         run_unfused(
             _single_tensor_adopt,
             pick(params),

@@ -17,17 +17,12 @@ def is_compiling() -> bool:
 
 def group_by_device_and_dtype(
     *tensor_lists: list[Tensor],
-) -> dict[tuple[torch.device, torch.dtype], tuple[list[int], list[list[Tensor]]]]:
-    """Split parallel tensor lists into buckets sharing the first list's device and dtype.
-
-    Returns ``{(device, dtype): (indices, [sublist for each input list])}`` so that a caller
-    can also pick the matching entries of per-tensor Python lists by ``indices``.
-    """
-    buckets: dict = defaultdict(lambda: ([], [[] for _ in tensor_lists]))
+) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+    """Split parallel tensor lists into buckets sharing the first list's device and dtype:
+    ``{(device, dtype): [sublist for each input list]}``, order kept within each bucket."""
+    buckets: dict = defaultdict(lambda: [[] for _ in tensor_lists])
     for i, key_tensor in enumerate(tensor_lists[0]):
-        indices, lists = buckets[(key_tensor.device, key_tensor.dtype)]
-        indices.append(i)
-        for sub, full in zip(lists, tensor_lists):
+        for sub, full in zip(buckets[(key_tensor.device, key_tensor.dtype)], tensor_lists):
             sub.append(full[i])
     return dict(buckets)
 

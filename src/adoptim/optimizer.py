@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +29,8 @@ from adoptim._utils import group_by_device_and_dtype, is_compiling, view_as_real
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
 
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
-ClipSpec = Union[float, Callable[[Any], Any], None]
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+ClipSpec = float | Callable[[Any], Any] | None
 # Param-group flags that choose how the step runs rather than what it computes.
 _PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -56,6 +56,9 @@ class PowerClip:
 
     def __hash__(self) -> int:
         return hash(("PowerClip", self.exponent))
+
+
+DEFAULT_CLIP = PowerClip(0.25)  # the paper's c_t = t ** 0.25
 
 
 def _split_clip(clip_lambda: ClipSpec) -> tuple[float | None, Callable | None]:
@@ -170,7 +173,7 @@ class ADOPT(Optimizer):
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.9999),
         eps: float = 1e-6,
-        clip_lambda: ClipSpec = PowerClip(0.25),
+        clip_lambda: ClipSpec = DEFAULT_CLIP,
         weight_decay: float = 0.0,
         decouple: bool = False,
         *,
@@ -482,7 +485,7 @@ class ADOPTW(ADOPT):
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.9999),
         eps: float = 1e-6,
-        clip_lambda: ClipSpec = PowerClip(0.25),
+        clip_lambda: ClipSpec = DEFAULT_CLIP,
         weight_decay: float = 1e-2,
         *,
         foreach: bool | None = None,
@@ -728,9 +731,7 @@ def _multi_tensor_adopt(
     if isinstance(lr, Tensor) and not scalars_as_tensors:
         lr = lr.item()
     buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for (_, dtype), (_, (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps)) in (
-        buckets.items()
-    ):
+    for b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps in buckets.values():
         # Each tensor gets its own scalars from its own step count: tensors that started
         # late, or were frozen for a while, share a bucket with the others.
         bounds, sq_weights, decays = _call_scalars(

@@ -2,8 +2,8 @@
 
 * :func:`parse_args`: a typed command line from an ``Args`` dataclass, with each field's
   docstring (the string literal under it, CleanRL/tyro style) as its ``--help`` text.
-* :func:`run_single`: run one config of an experiment through the shared runner and print
-  its result (what ``python -m adoptim.experiments.<name> --flags`` does).
+* :func:`main_single_run`: ``python -m adoptim.experiments.<name> --flags``: parse one config
+  from the command line, run it through the shared runner and print its result.
 * :func:`curve_band`: mean and min/max of several runs' curves on a common x grid (plots).
 """
 
@@ -17,12 +17,11 @@ import itertools
 import json
 import textwrap
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["curve_band", "field_docs", "parse_args", "run_single"]
+__all__ = ["curve_band", "field_docs", "main_single_run", "parse_args"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -92,17 +91,24 @@ def parse_args(cls: type, argv: Sequence[str] | None = None, description: str = 
     return cls(**values), ns
 
 
-def run_single(args: Any, train: Callable, out: str | Path, name: str,
-               keys: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run one config with the shared runner (resumable folder under ``out``) and print the
-    result summary."""
+def main_single_run(cls: type, train: Callable, name: str, keys: Sequence[str],
+                    description: str, argv: Sequence[str] | None = None) -> int:
+    """Parse an ``Args`` dataclass ``cls`` from ``argv`` (plus ``--out``), run that one config
+    with the shared runner (a resumable folder under ``--out``) and print its result."""
+    import dataclasses
+
     from adoptim.experiments.runner import RESULT_FILE, run_sweep
 
-    (run_dir,) = run_sweep([args], out, train, name=name, keys=keys)
+    def out_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", default=f"results/{name}", help="results folder")
+
+    args, ns = parse_args(cls, argv, description=description, extra=out_option)
+    print(dataclasses.asdict(args), flush=True)
+    (run_dir,) = run_sweep([args], ns.out, train, name=name, keys=keys)
     result = json.loads((run_dir / RESULT_FILE).read_text())
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1, default=str))
     print(f"run folder: {run_dir}")
-    return result
+    return 0
 
 
 def curve_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], n: int = 200):

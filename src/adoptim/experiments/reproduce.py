@@ -68,7 +68,7 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
         if (root / name / "report.md").exists():
             try:
                 description = get_experiment(name).description
-            except Exception:  # an experiment module that no longer imports
+            except ImportError:  # an experiment module that no longer imports
                 description = ""
             lines.append(f"- [{name}]({name}/report.md): {description}")
     lines += [f"- {name}: skipped, data missing: {reason}" for name, reason in skipped.items()]

@@ -22,7 +22,6 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -329,6 +328,7 @@ def train(args: Args, ctx=None) -> dict:
 
 # ----------------------------------------------------------------------------- sweeps, report
 OPTIMIZERS = ("adam", "adopt")
+_KEYS = ["env_id", "optimizer", "seed", "total_timesteps"]  # what names a run folder
 
 
 def quick_sweep() -> list[Args]:
@@ -359,7 +359,7 @@ def full_sweep() -> list[Args]:
 def run(sweep, out: Path, progress: bool = True) -> None:
     sweep = sweep if isinstance(sweep, list) else [sweep]
     run_sweep(sweep, out, train, name="rl_sac",
-              keys=["env_id", "optimizer", "seed", "total_timesteps"], progress=progress)
+              keys=_KEYS, progress=progress)
 
 
 def report(sweep, out: Path) -> Path:
@@ -421,15 +421,9 @@ EXPERIMENT = Experiment(
 
 
 def main(argv=None) -> int:
-    from adoptim.experiments._part2 import parse_args, run_single
+    from adoptim.experiments._part2 import main_single_run
 
-    def extra(p):
-        p.add_argument("--out", default="results/rl_sac", help="results folder")
-
-    args, ns = parse_args(Args, argv, description=__doc__.splitlines()[0], extra=extra)
-    print(dataclasses.asdict(args))
-    run_single(args, train, ns.out, "rl_sac", keys=["env_id", "optimizer", "seed", "total_timesteps"])
-    return 0
+    return main_single_run(Args, train, "rl_sac", _KEYS, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, replace
@@ -307,15 +306,9 @@ EXPERIMENT = Experiment(
 
 
 def main(argv=None) -> int:
-    from adoptim.experiments._part2 import parse_args, run_single
+    from adoptim.experiments._part2 import main_single_run
 
-    def extra(p):
-        p.add_argument("--out", default="results/vae", help="results folder")
-
-    a, ns = parse_args(Args, argv, description=__doc__.splitlines()[0], extra=extra)
-    print(dataclasses.asdict(a), flush=True)
-    run_single(a, train, ns.out, "vae", keys=_KEYS)
-    return 0
+    return main_single_run(Args, train, "vae", _KEYS, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
