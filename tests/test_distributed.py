@@ -76,6 +76,18 @@ def test_ddp_and_zero_match_single_process(tmp_path):
         _check(tmp_path, f"zero-{run}", run)
 
 
+def _has_public_fully_shard() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _has_public_fully_shard(),
+    reason="FSDP2's public torch.distributed.fsdp.fully_shard needs torch >= 2.6",
+)
 def test_fsdp2_matches_single_process_and_resumes_through_dcp(tmp_path):
     _torchrun("fsdp2", tmp_path)
     for run in dist_worker.RUNS:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
 
@@ -20,11 +18,16 @@ def group_by_device_and_dtype(
 ) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Split parallel tensor lists into buckets sharing the first list's device and dtype:
     ``{(device, dtype): [sublist for each input list]}``, order kept within each bucket."""
-    buckets: dict = defaultdict(lambda: [[] for _ in tensor_lists])
+    # A plain dict, not a defaultdict: torch.compile traces this (torch 2.4's dynamo cannot
+    # trace a defaultdict with a lambda factory).
+    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
     for i, key_tensor in enumerate(tensor_lists[0]):
-        for sub, full in zip(buckets[(key_tensor.device, key_tensor.dtype)], tensor_lists):
+        key = (key_tensor.device, key_tensor.dtype)
+        if key not in buckets:
+            buckets[key] = [[] for _ in tensor_lists]
+        for sub, full in zip(buckets[key], tensor_lists):
             sub.append(full[i])
-    return dict(buckets)
+    return buckets
 
 
 def view_as_real_if_complex(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -409,8 +409,9 @@ def train(a: Args, ctx=None) -> dict:
                 (loss / a.grad_accum).backward()
             loss_sum += loss.detach()
         loss_t = loss_sum / a.grad_accum
-        if ddp:  # the global batch's loss, for spike counting
-            torch.distributed.all_reduce(loss_t, op=torch.distributed.ReduceOp.AVG)
+        if ddp:  # the global batch's loss, for spike counting (gloo had no AVG before 2.6)
+            torch.distributed.all_reduce(loss_t)
+            loss_t /= torch.distributed.get_world_size()
         if a.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip).item()
         else:
