@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -190,6 +191,13 @@ def test_reproduce_runs_a_registered_experiment(tmp_path, monkeypatch, capsys):
     index = (tmp_path / "full" / "README.md").read_text()
     assert "[fake](fake/report.md)" in index
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    # --publish copies the report and every finished run's config and result
+    pub = tmp_path / "published"
+    assert main(["reproduce", "fake", "--full", "--out", str(tmp_path), "--report-only",
+                 "--publish", str(pub)]) == 0
+    assert (pub / "fake" / "report.md").read_text() == report_path.read_text()
+    (run,) = json.loads((pub / "fake" / "runs.json").read_text())
+    assert run["config"]["steps"] == 2 and "final_x" in run and "dir" not in run
 
 
 def test_reproduce_skips_an_experiment_whose_data_is_missing(tmp_path, monkeypatch, capsys):

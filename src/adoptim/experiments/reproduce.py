@@ -3,6 +3,7 @@
     adoptim reproduce --quick            # every experiment, small profile (a few minutes, 2 CPUs)
     adoptim reproduce --full             # the larger profile (tens of minutes)
     adoptim reproduce toy mlp --out DIR  # only some experiments
+    adoptim reproduce --full toy --report-only --publish docs/results/part1   # copy results out
 
 Each experiment writes under ``OUT/<profile>/<name>/`` (runs, metrics, ``report.md``, PNGs);
 an index linking them is written to ``OUT/<profile>/README.md``. Running again resumes: runs
@@ -13,11 +14,14 @@ the reason (and how to get the data), the others still run, and the exit status 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from pathlib import Path
 
 from adoptim.experiments import REGISTRY, get_experiment
 from adoptim.experiments.data import DataUnavailableError
+from adoptim.experiments.runner import load_results
 
 __all__ = ["add_arguments", "reproduce", "run"]
 
@@ -35,11 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default ./runs/reproduce)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the reports from finished runs without running anything")
+    parser.add_argument("--publish", type=Path, metavar="DIR",
+                        help="also copy each report, its plots and every run's config and "
+                             "result (runs.json) to DIR/<name>/ (for committing results)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def publish(exp_dir: Path, sweep, dest: Path) -> None:
+    """Copy an experiment's report, plots and finished runs (config + result, as
+    ``runs.json``) to ``dest``; the per-step metrics stay in the output folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [exp_dir / "report.md", *sorted(exp_dir.glob("*.png"))]:
+        shutil.copy2(f, dest / f.name)
+    runs = [{k: v for k, v in r.items() if k != "dir"} for r in load_results(exp_dir, sweep)]
+    (dest / "runs.json").write_text(json.dumps(runs, indent=1, default=str) + "\n")
+
+
 def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
-              report_only: bool = False) -> tuple[Path, dict[str, str]]:
+              report_only: bool = False,
+              publish_to: Path | None = None) -> tuple[Path, dict[str, str]]:
     """Run ``names`` (all when empty) at ``profile``; return the index file's path and
     ``{name: reason}`` for the experiments skipped because their data is missing."""
     names = names or list(REGISTRY)
@@ -63,6 +81,9 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
         path = exp.report(sweep, exp_dir)
         dt = time.time() - t0
         print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
+        if publish_to is not None:
+            publish(exp_dir, sweep, publish_to / name)
+            print(f"[{name}] published to {publish_to / name}", flush=True)
     # the index lists every experiment whose report exists, also from earlier invocations
     for name in dict.fromkeys([*REGISTRY, *names]):
         if (root / name / "report.md").exists():
@@ -84,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     index, skipped = reproduce(args.experiments, args.profile, args.out,
-                               progress=not args.no_progress, report_only=args.report_only)
+                               progress=not args.no_progress, report_only=args.report_only,
+                               publish_to=args.publish)
     print(f"done in {time.time() - t0:.0f} s. Reports: {index}")
     if skipped:
         print(f"skipped for missing data: {', '.join(skipped)} (see the messages above)")
