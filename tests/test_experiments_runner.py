@@ -170,21 +170,22 @@ def test_reproduce_runs_a_registered_experiment(tmp_path, monkeypatch, capsys):
 
     def run(sweep, out, progress=True):
         seen["profile"] = sweep
-        run_sweep([Cfg(steps=2)], out, _train, progress=progress)
+        run_sweep(sweep, out, _train, progress=progress)
 
     def report(sweep, out):
         rep = Report(out, "fake")
         rep.table(["seed", "x"], [[r["config"]["seed"], r["final_x"]] for r in load_results(out)])
         return rep.write()
 
-    fake = Experiment("fake", "a fake experiment", lambda: "q", lambda: "f", run, report)
+    fake = Experiment("fake", "a fake experiment", lambda: [Cfg(steps=1)], lambda: [Cfg(steps=2)], run,
+                      report)
     monkeypatch.setitem(REGISTRY, "fake", "unused.module")
     monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
     from adoptim.cli import main
 
     assert main(["reproduce", "fake", "--full", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert seen["profile"] == "f"
+    assert seen["profile"] == [Cfg(steps=2)]  # --full picked the full profile
     report_path = tmp_path / "full" / "fake" / "report.md"
     assert str(report_path) in out and report_path.exists()
     assert "| 0 |" in report_path.read_text()
