@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -37,6 +38,8 @@ def test_bench_cli_tiny_run(tmp_path, capsys):
             "2",
             "--warmup",
             "0",
+            "--rounds",
+            "3",
             "--scale",
             "0.001",
             "--out",
@@ -55,7 +58,10 @@ def test_bench_cli_tiny_run(tmp_path, capsys):
         assert list(results) == ["adam-fused", "adam-foreach", "adopt-foreach", "adopt-forloop"]
         assert results["adam-fused"]["ratio_to_adam_fused"] == pytest.approx(1.0)
         for r in results.values():
-            assert r["median_s"] > 0 and len(r["times_s"]) == 2
+            # 3 interleaved rounds of 2 timed steps; the median is over all 6
+            assert r["median_s"] > 0 and len(r["times_s"]) == 6
+            assert len(r["round_medians_s"]) == 3
+            assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
             assert r["gb_per_s"] == pytest.approx(28 * suite["params"] / r["median_s"] / 1e9)
             assert r["ratio_to_adam_fused"] == pytest.approx(
                 r["median_s"] / results["adam-fused"]["median_s"]
@@ -69,6 +75,30 @@ def test_bench_rejects_unknown_names(tmp_path):
         main(["bench", "--optimizers", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown suite"):
         main(["bench", "--suites", "z", "--out", str(tmp_path)])
+
+
+def test_rounds_are_interleaved(monkeypatch):
+    order = []
+
+    def fake_time_one(entry, params, warmup, repeats):
+        order.append(entry.name)
+        return {"times_s": [0.01] * repeats, "peak_mb": 1.0, "first_step_s": 0.02}
+
+    monkeypatch.setattr(bench, "_time_one", fake_time_one)
+    entries = [bench.OPTIMIZERS[0], bench.OPTIMIZERS[1]]
+    bench.run_suite("c", entries, warmup=0, repeats=2, rounds=3, scale=0.001)
+    # every round visits every optimizer before the next round starts
+    assert order == ["adam-fused", "adam-foreach"] * 3
+
+
+def test_a_peer_that_fails_is_skipped_not_fatal():
+    def broken(params):
+        raise RuntimeError("peer exploded")
+
+    res = bench.run_suite("c", [bench.OPTIMIZERS[0], bench.Entry("broken", broken)],
+                          warmup=0, repeats=1, rounds=2, scale=0.001)
+    assert res["results"]["broken"]["skipped"].startswith("failed: RuntimeError('peer exploded'")
+    assert len(res["results"]["adam-fused"]["times_s"]) == 2
 
 
 def test_missing_peer_is_skipped_not_fatal(monkeypatch):

@@ -2,7 +2,7 @@
 
 Example (the figures in docs/performance.md)::
 
-    adoptim bench --suites a,b,c --repeats 7 --out runs/bench
+    adoptim bench --suites a,b,c --out runs/bench
     adoptim bench --startup            # fresh-process time to the first fused step, cold/warm
 
 Suites (all float32, one parameter list each):
@@ -10,9 +10,12 @@ Suites (all float32, one parameter list each):
   b: the parameter shapes of GPT-2 small (148 tensors, 124.4M elements);
   c: 2,000 tensors of 1,000 elements.
 
-Every optimizer in a suite steps the same parameters and gradients, one after the other, in one
-process: the table reports ratios to ``torch.optim.Adam(fused=True)`` measured in the same
-run, because absolute times on a shared machine move by 2x between runs. Effective GB/s counts
+Every optimizer in a suite steps the same parameters and gradients in one process, in
+``--rounds`` interleaved rounds (each round builds every optimizer afresh and times
+``--repeats`` steps of it, then drops it), so that a slow minute on a shared machine hits all
+of them alike. The table reports ratios of medians (over all rounds' steps) to
+``torch.optim.Adam(fused=True)`` measured in the same run, because absolute times on a shared
+machine move by 2x between runs. Effective GB/s counts
 28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass.
 Peak memory is the largest rise of the process's resident memory above what it was before the
 optimizer existed, sampled every millisecond: state plus the step's temporaries.
@@ -217,6 +220,8 @@ class _PeakRSS:
 def _time_one(
     entry: Entry, params: list[torch.Tensor], warmup: int, repeats: int
 ) -> dict[str, Any]:
+    """One round for one optimizer: build it, take the first step, ``warmup`` untimed steps
+    and ``repeats`` timed ones; its step times, first-step time and peak memory."""
     gc.collect()
     with _PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -238,16 +243,26 @@ def _time_one(
             times.append(time.perf_counter() - t)
     del opt
     gc.collect()
-    numel = sum(p.numel() for p in params)
+    peak = (mem.peak - mem.base) / 2**20 if mem.peak else None
+    return {"times_s": times, "peak_mb": peak, "first_step_s": first}
+
+
+def _summarise(rounds: list[dict[str, Any]], numel: int) -> dict[str, Any]:
+    """One optimizer's rounds as one result: the median over every timed step of every
+    round, the first step of the first round (the only one that may load or build code), and
+    the largest peak memory."""
+    times = [t for r in rounds for t in r["times_s"]]
     median = statistics.median(times)
+    peaks = [r["peak_mb"] for r in rounds if r["peak_mb"] is not None]
     return {
         "median_s": median,
         "min_s": min(times),
         "max_s": max(times),
         "times_s": times,
+        "round_medians_s": [statistics.median(r["times_s"]) for r in rounds],
         "gb_per_s": BYTES_PER_PARAM * numel / median / 1e9,
-        "peak_mb": (mem.peak - mem.base) / 2**20 if mem.peak else None,
-        "first_step_s": first,
+        "peak_mb": max(peaks) if peaks else None,
+        "first_step_s": rounds[0]["first_step_s"],
     }
 
 
@@ -267,6 +282,7 @@ def run_suite(
     *,
     warmup: int,
     repeats: int,
+    rounds: int = 1,
     scale: float = 1.0,
     seed: int = 0,
     progress: Any = None,
@@ -274,20 +290,24 @@ def run_suite(
     shapes = suite_shapes(suite, scale)
     params = _make_params(shapes, seed)
     numel = sum(p.numel() for p in params)
-    results: dict[str, Any] = {}
-    for entry in entries:
-        if progress is not None:
-            progress.set_description(f"{suite}: {entry.name}")
-        reason = entry.available()
-        if reason is not None:
-            results[entry.name] = {"skipped": reason}
-        else:
-            try:
-                results[entry.name] = _time_one(entry, params, warmup, repeats)
-            except Exception as exc:  # noqa: BLE001 - a peer failing should not end the run
-                results[entry.name] = {"skipped": f"failed: {exc!r}"[:300]}
-        if progress is not None:
-            progress.update(1)
+    skipped = {e.name: {"skipped": reason} for e in entries if (reason := e.available())}
+    timed: dict[str, list[dict[str, Any]]] = {e.name: [] for e in entries if e.name not in skipped}
+    for round_index in range(rounds):
+        for entry in entries:
+            if progress is not None:
+                progress.set_description(f"{suite}: {entry.name} ({round_index + 1}/{rounds})")
+            if entry.name in timed:
+                try:
+                    timed[entry.name].append(_time_one(entry, params, warmup, repeats))
+                except Exception as exc:  # noqa: BLE001 - a peer failing should not end the run
+                    skipped[entry.name] = {"skipped": f"failed: {exc!r}"[:300]}
+                    del timed[entry.name]
+            if progress is not None:
+                progress.update(1)
+    results = {
+        e.name: skipped[e.name] if e.name in skipped else _summarise(timed[e.name], numel)
+        for e in entries
+    }
     base = results.get("adam-fused", {}).get("median_s")
     for res in results.values():
         if "median_s" in res:
@@ -471,8 +491,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated names or patterns (adam-*, adopt-fused, ...); adam-fused is always "
         f"added as the baseline. Known: {', '.join(e.name for e in OPTIMIZERS)}",
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per optimizer in each round")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps after the first, in each round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds: each builds every optimizer afresh and times "
+                             "it; medians are over all rounds' steps")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply every tensor size (e.g. 0.01 to try)"
     )
@@ -524,7 +549,10 @@ def run(args: argparse.Namespace) -> int:
         "bytes_per_param": BYTES_PER_PARAM,
         "suites": [],
     }
-    with tqdm(total=len(suites) * len(entries), disable=args.no_progress, leave=False) as bar:
+    if min(args.repeats, args.rounds) < 1 or args.warmup < 0:
+        raise SystemExit("--repeats and --rounds must be >= 1, --warmup >= 0")
+    total = len(suites) * len(entries) * args.rounds
+    with tqdm(total=total, disable=args.no_progress, leave=False) as bar:
         for suite in suites:
             report["suites"].append(
                 run_suite(
@@ -532,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
                     entries,
                     warmup=args.warmup,
                     repeats=args.repeats,
+                    rounds=args.rounds,
                     scale=args.scale,
                     progress=bar,
                 )
