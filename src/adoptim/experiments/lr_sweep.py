@@ -132,7 +132,7 @@ EXPERIMENT = Experiment(
                        lrs=(1e-4, 1e-3, 1e-2), beta2s=(0.1, 0.5, 0.9, 0.999, 0.9999), seeds=1),
     full=lambda: grid(MLPConfig(dataset="mnist5k", hidden=256, epochs=10),
                       lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), beta2s=(0.1, 0.5, 0.9, 0.99, 0.999,
-                                                                  0.9999), seeds=1),
+                                                                  0.9999), seeds=3),
     run=_run,
     report=_report,
 )
