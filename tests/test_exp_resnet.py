@@ -92,7 +92,7 @@ def test_registered():
     from adoptim.experiments import get_experiment
 
     exp = get_experiment("resnet")
-    assert exp.name == "resnet" and len(exp.full()) == 12
+    assert exp.name == "resnet" and len(exp.full()) == 16
 
 
 def test_mnist5k_images_are_padded_to_32x32_and_normalised():

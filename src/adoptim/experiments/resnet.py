@@ -307,13 +307,13 @@ def quick_sweep() -> list[Args]:
 
 def full_sweep() -> list[Args]:
     """CPU-sized: ResNet-20 on a 10k-image Fashion-MNIST subset, 200 steps of 64 (1.3
-    epochs), lr 1e-3, Adam vs ADOPT x {no warmup, 20-step warmup} x 2 seeds (about 1-2 min
+    epochs), lr 1e-3, Adam vs ADOPT x {no warmup, 20-step warmup} x 3 seeds (about 1 min
     per run on one shared core); plus a 5x-lr arm (5e-3, one seed), where warmup should
     matter more."""
     base = Args(steps=200, batch_size=64, train_subset=10_000, test_subset=1_000,
                 eval_every=25)
     sweep = [replace(base, optimizer=o, warmup_steps=w, seed=s) for w in (0, 20)
-             for s in (1, 2) for o in ("adam", "adopt")]
+             for s in (1, 2, 3) for o in ("adam", "adopt")]
     return sweep + [replace(base, optimizer=o, warmup_steps=w, seed=1, lr=5e-3)
                     for w in (0, 20) for o in ("adam", "adopt")]
 

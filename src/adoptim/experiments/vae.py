@@ -229,11 +229,11 @@ def quick_sweep() -> list[Args]:
 
 def full_sweep() -> list[Args]:
     """CPU-sized: 15 epochs on MNIST-5k's 4,000 training digits (930 steps), K=64 on the
-    1,000 held-out digits, Adamax/Adam/ADOPT at lr 1e-3 x 2 seeds; plus Adamax at its own
+    1,000 held-out digits, Adamax/Adam/ADOPT at lr 1e-3 x 3 seeds; plus Adamax at its own
     default lr (2e-3), so that the baseline is not handicapped by the shared lr."""
     base = Args(epochs=15, iw_samples=64, eval_every=3)
-    return ([replace(base, optimizer=o, seed=s) for s in (1, 2) for o in OPTIMIZERS]
-            + [replace(base, optimizer="adamax", lr=2e-3, seed=s) for s in (1, 2)])
+    return ([replace(base, optimizer=o, seed=s) for s in (1, 2, 3) for o in OPTIMIZERS]
+            + [replace(base, optimizer="adamax", lr=2e-3, seed=s) for s in (1, 2, 3)])
 
 
 _KEYS = ["optimizer", "seed", "epochs", "dataset"]
