@@ -494,14 +494,14 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 def report(sweep, out: Path) -> Path:
     from adoptim.experiments._part2 import curve_band
 
-    results = load_results(out)
+    results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "Byte-level GPT: AdamW vs ADOPTW, small vs large batch")
     if results:
         c0 = results[0]["config"]
         rep.text(f"Corpus `{c0['dataset']}` ({c0['max_bytes']} bytes max, last "
                  f"{c0['val_fraction']:.0%} held out), {c0['n_layer']} layers x {c0['n_embd']} "
-                 f"wide, context {c0['block_size']}, {c0['max_iters']} steps, lr {c0['lr']} "
-                 f"(warmup {c0['warmup_iters']}, cosine to {c0['min_lr']}), clip "
+                 f"wide, context {c0['block_size']}, {c0['max_iters']} steps, peak lr per row "
+                 f"(warmup {c0['warmup_iters']}, cosine to lr/{c0['lr'] / c0['min_lr']:g}), clip "
                  f"{c0['grad_clip']}, AdamW betas ({c0['beta1']}, {c0['adam_beta2']}), "
                  f"ADOPTW betas ({c0['beta1']}, {c0['adopt_beta2']}), weight decay "
                  f"{c0['weight_decay']}. Spike: loss > {c0['spike_ratio']} x median of the "

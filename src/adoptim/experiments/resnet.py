@@ -335,13 +335,14 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 def report(sweep, out: Path) -> Path:
     from adoptim.experiments._part2 import curve_band
 
-    results = load_results(out)
+    results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "ResNet image classification: Adam vs ADOPT, with and without warmup")
     if results:
         c = results[0]["config"]
         rep.text(f"ResNet-{c['depth']} on {c['dataset']} ({c['train_subset'] or 'all'} training "
                  f"images, {c['test_subset'] or 'all'} test images), {c['steps']} steps of "
-                 f"{c['batch_size']}, lr {c['lr']} with cosine decay, augmentation "
+                 f"{c['batch_size']}, peak lr {Args.lr} (or as the row says) with cosine decay, "
+                 f"augmentation "
                  f"{c['augment']}. Spread over seeds.")
     for r in results:
         r["label"] = _label(r["config"])

@@ -363,7 +363,7 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 
 
 def report(sweep, out: Path) -> Path:
-    results = load_results(out)
+    results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "SAC on MuJoCo: Adam vs ADOPT")
     if _missing_rl_deps() and not results:
         rep.text("Skipped: needs the rl extra (`pip install \"adoptim[rl]\"`; missing "

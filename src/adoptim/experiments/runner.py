@@ -37,7 +37,7 @@ How an experiment plugs in (one file, e.g. ``adoptim/experiments/myexp.py``)::
         run_sweep(sweep, out, train, name="myexp", progress=progress)
 
     def report(sweep: list[Config], out: Path) -> Path:
-        results = load_results(out)               # [(config dict, result dict, run dir)]
+        results = load_results(out, sweep)        # this sweep's finished runs
         rep = Report(out, "My experiment")
         rep.table(["optimizer", "loss"], rows)    # rows built with summarize()
         rep.figure(fig, "curves.png", "caption")
@@ -303,6 +303,7 @@ def load_results(out_dir: str | Path, sweep: Sequence[Any] | None = None) -> lis
     sweep's (a folder may also hold runs of another profile or an older sweep)."""
     wanted = None
     if sweep is not None:
+        sweep = sweep if isinstance(sweep, (list, tuple)) else [sweep]
         wanted = {json.dumps(config_dict(c), sort_keys=True) for c in sweep}
     out = []
     for f in sorted(Path(out_dir).glob(f"runs/*/{RESULT_FILE}")):

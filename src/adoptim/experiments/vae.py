@@ -253,12 +253,13 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 def report(sweep, out: Path) -> Path:
     from adoptim.experiments._part2 import curve_band
 
-    results = load_results(out)
+    results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "Convolutional VAE: Adamax vs Adam vs ADOPT")
     if results:
         c = results[0]["config"]
         rep.text(f"Dataset {c['dataset']}, {c['epochs']} epochs of batch {c['batch_size']}, "
-                 f"lr {c['lr']} for every optimizer, latent {c['latent']}, Bernoulli decoder. "
+                 f"lr {Args.lr} for every optimizer (or as the row says), latent {c['latent']}, "
+                 "Bernoulli decoder. "
                  f"Held-out negative ELBO and importance-weighted NLL (K={c['iw_samples']}), "
                  "nats per image (lower is better); spread over seeds.")
     rows = []
