@@ -1,7 +1,7 @@
 """``adoptim reproduce``: run the registered experiments and write their reports.
 
     adoptim reproduce --quick            # every experiment, small profile (a few minutes, 2 CPUs)
-    adoptim reproduce --full             # the larger profile (tens of minutes)
+    adoptim reproduce --full             # the larger profile (about 1.5 hours, one run at a time)
     adoptim reproduce toy mlp --out DIR  # only some experiments
     adoptim reproduce --full toy --report-only --publish docs/results/part1   # copy results out
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--quick", dest="profile", action="store_const", const="quick",
                          help="small profile, a few minutes on 2 CPU cores (default)")
     profile.add_argument("--full", dest="profile", action="store_const", const="full",
-                         help="larger profile (tens of minutes)")
+                         help="larger profile (about 1.5 hours on one CPU core)")
     parser.set_defaults(profile="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"),
                         help="output folder (default ./runs/reproduce)")
