@@ -8,6 +8,7 @@ Uses gloo on CPU and nccl on CUDA (one GPU per process). ADOPT's state is elemen
 FSDP2 each rank keeps the moments of its own shard (as DTensors) and nothing else changes.
 """
 
+import gc
 import os
 import sys
 import tempfile
@@ -70,6 +71,8 @@ def main() -> None:
     if rank == 0:
         print(f"[{mode}] saved and reloaded a DCP checkpoint in {ckpt}")
     dist.barrier()
+    del model, opt  # before the process group: gloo can abort at exit while they linger
+    gc.collect()
     dist.destroy_process_group()
 
 

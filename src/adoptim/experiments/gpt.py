@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import math
 import os
 import shutil
@@ -602,6 +603,8 @@ def main(argv=None) -> int:
         if ctx is not None:
             ctx.close()
         if torch.distributed.is_initialized():
+            # DDP's reference cycles go before gloo does, or gloo can abort at exit.
+            gc.collect()
             torch.distributed.destroy_process_group()
     return 0
 
