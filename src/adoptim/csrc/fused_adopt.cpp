@@ -38,12 +38,6 @@ struct Hyper {
   uint64_t seed;
 };
 
-// torch.lerp's formula (CPU), as the other paths update m with lerp_.
-template <typename C>
-inline C lerp(C a, C b, C w) {
-  return w < C(0.5) ? a + w * (b - a) : b - (b - a) * (C(1) - w);
-}
-
 // Counter-based random bits: the same seed and element index give the same bits however
 // the work is split between threads.
 inline uint32_t hash_bits(uint64_t seed, uint64_t index) {
@@ -77,18 +71,25 @@ inline c10::BFloat16 round_param<c10::BFloat16, float>(float x, const Hyper& h, 
 // The ADOPT update on n contiguous elements; P: parameter/gradient type, S: state type,
 // C: compute type (float, or double for double parameters). `first_index` numbers elements
 // across the whole call (for stochastic rounding).
-template <typename P, typename S, typename C>
+//
+// The loop body has no branches, so that the compiler vectorises it: the choices that are
+// the same for every element (coupled decay on or off; which of lerp's two formulas applies
+// to the weight 1 - beta1) are template parameters, and max/min/clamp are selects. Clamps are
+// written as `x < lo ? lo : x` so that a NaN passes through, as torch.clamp lets it.
+template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight>
 void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
                   int64_t n, const Hyper& h, C bound, C sq_weight, C decay,
                   uint64_t first_index) {
   const C lr = static_cast<C>(h.lr), w1 = static_cast<C>(h.beta1_weight);
+  const C one_minus_w1 = C(1) - w1;
   const C beta2 = static_cast<C>(h.beta2);
   const C eps = static_cast<C>(h.eps), wd = static_cast<C>(h.coupled_wd);
   const C gmul = static_cast<C>(h.grad_mul);
+  const C neg_bound = -bound;
   for (int64_t i = 0; i < n; ++i) {
     C grad = static_cast<C>(g[i]) * gmul;  // unscale (GradScaler) and sign (maximize)
     C theta = static_cast<C>(p[i]);
-    if (h.coupled) {
+    if constexpr (kCoupled) {
       grad = grad + wd * theta;  // coupled (L2) decay, enters v as well
     }
     theta = theta * decay;  // decoupled decay; exactly 1 when off or on the first call
@@ -96,9 +97,15 @@ void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __
     C denom = std::sqrt(vi);
     denom = denom < eps ? eps : denom;  // max(sqrt(v), eps), NaN propagates
     C normed = grad / denom;
-    normed = normed < -bound ? -bound : normed;  // clip to [-c_t, c_t]; c_t = 0 on call 1
+    normed = normed < neg_bound ? neg_bound : normed;  // clip to [-c_t, c_t]; c_t = 0 on call 1
     normed = normed > bound ? bound : normed;
-    C mi = lerp(static_cast<C>(m[i]), normed, w1);  // m = beta1*m + (1-beta1)*n
+    // m = beta1*m + (1-beta1)*n with torch.lerp's formula (CPU), as the other paths use lerp_
+    C mi = static_cast<C>(m[i]);
+    if constexpr (kSmallWeight) {
+      mi = mi + w1 * (normed - mi);
+    } else {
+      mi = normed - (normed - mi) * one_minus_w1;
+    }
     theta = theta - lr * mi;
     // v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0); the order of
     // the other paths' mul_(beta2).addcmul_(g, g, value=w)
@@ -106,6 +113,24 @@ void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __
     m[i] = static_cast<S>(mi);
     v[i] = static_cast<S>(vi);
     p[i] = round_param<P, C>(theta, h, first_index + static_cast<uint64_t>(i));
+  }
+}
+
+// update_range with its loop-invariant template choices made once per call.
+template <typename P, typename S, typename C>
+void update_range_dispatch(P* p, const P* g, S* m, S* v, int64_t n, const Hyper& h, C bound,
+                           C sq_weight, C decay, uint64_t first_index) {
+  const bool small_weight = static_cast<C>(h.beta1_weight) < C(0.5);
+  if (h.coupled) {
+    if (small_weight) {
+      update_range<P, S, C, true, true>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+    } else {
+      update_range<P, S, C, true, false>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+    }
+  } else if (small_weight) {
+    update_range<P, S, C, false, true>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+  } else {
+    update_range<P, S, C, false, false>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
   }
 }
 
@@ -134,11 +159,10 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
       const int64_t lo = pos - offsets[k];
       const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
       if (hi > lo) {
-        update_range<P, S, C>(p_ptr[k] + lo, g_ptr[k] + lo, m_ptr[k] + lo, v_ptr[k] + lo,
-                              hi - lo, h, static_cast<C>(scalars[k]),
-                              static_cast<C>(scalars[count + k]),
-                              static_cast<C>(scalars[2 * count + k]),
-                              static_cast<uint64_t>(pos));
+        update_range_dispatch<P, S, C>(
+            p_ptr[k] + lo, g_ptr[k] + lo, m_ptr[k] + lo, v_ptr[k] + lo, hi - lo, h,
+            static_cast<C>(scalars[k]), static_cast<C>(scalars[count + k]),
+            static_cast<C>(scalars[2 * count + k]), static_cast<uint64_t>(pos));
       }
       pos = offsets[k] + hi;
     }
@@ -146,11 +170,13 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 }
 
 void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, const at::Tensor& scalars, double lr, double beta1,
+                  at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& scalars,
+                  double lr, double beta1,
                   double beta2, double eps, double weight_decay, bool coupled, bool maximize,
                   double grad_scale, bool stochastic, int64_t seed) {
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count,
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
+                  exp_avg_sqs.size() == count && steps.size() == count,
               "fused_adopt_: tensor lists differ in length");
   TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == static_cast<int64_t>(3 * count),
@@ -177,6 +203,9 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
     TORCH_CHECK(params[k].is_non_overlapping_and_dense() && grads[k].strides() == strides &&
                     exp_avgs[k].strides() == strides && exp_avg_sqs[k].strides() == strides,
                 "fused_adopt_: tensor ", k, " is not dense or its buffers differ in layout");
+    TORCH_CHECK(steps[k].device().is_cpu() && steps[k].scalar_type() == at::kFloat &&
+                    steps[k].numel() == 1,
+                "fused_adopt_: step ", k, " must be a one-element float32 CPU tensor");
   }
   Hyper h;
   h.lr = lr;
@@ -208,6 +237,11 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
     TORCH_CHECK(false, "fused_adopt_: unsupported dtypes (parameter ", p_type, ", state ",
                 s_type, ")");
   }
+  // Each tensor's call count, as the other paths' step_t += 1 (a Python loop or a foreach
+  // op over thousands of one-element tensors costs more than the update of small ones).
+  for (size_t k = 0; k < count; ++k) {
+    *steps[k].data_ptr<float>() += 1.0f;
+  }
 }
 
 }  // namespace
@@ -215,7 +249,8 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
 TORCH_LIBRARY(adoptim, m) {
   m.def(
       "fused_adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor scalars, float lr, float beta1, float beta2, float eps, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor scalars, float lr, float beta1, "
+      "float beta2, float eps, "
       "float weight_decay, bool coupled, bool maximize, float grad_scale, "
       "bool stochastic, int seed) -> ()");
 }
