@@ -12,8 +12,9 @@ Suites (all float32, one parameter list each):
 
 Every optimizer in a suite steps the same parameters and gradients in one process, in
 ``--rounds`` interleaved rounds (each round builds every optimizer afresh and times
-``--repeats`` steps of it, then drops it), so that a slow minute on a shared machine hits all
-of them alike. The table reports ratios of medians (over all rounds' steps) to
+``--repeats`` steps of it, then drops it; each round starts one optimizer later), so that a
+slow minute on a shared machine, or running right after a given neighbour, hits all of them
+alike. The table reports ratios of medians (over all rounds' steps) to
 ``torch.optim.Adam(fused=True)`` measured in the same run, because absolute times on a shared
 machine move by 2x between runs. Effective GB/s counts
 28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass.
@@ -293,7 +294,10 @@ def run_suite(
     skipped = {e.name: {"skipped": reason} for e in entries if (reason := e.available())}
     timed: dict[str, list[dict[str, Any]]] = {e.name: [] for e in entries if e.name not in skipped}
     for round_index in range(rounds):
-        for entry in entries:
+        # Each round starts one entry later, so that no optimizer always runs right after
+        # the same neighbour (caches, memory reuse) or first in the suite.
+        shift = round_index % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
             if progress is not None:
                 progress.set_description(f"{suite}: {entry.name} ({round_index + 1}/{rounds})")
             if entry.name in timed:
