@@ -354,6 +354,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -372,6 +373,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.barh(names, ratios, color=colors)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log")
+        lo, hi = min(ratios) / 1.5, max(ratios) * 1.5
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16) if lo <= t <= hi]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         ax.set_title(f"({s['suite']}) {s['title']}")
         ax.set_xlabel("median step time / fused Adam (log)")

@@ -10,7 +10,8 @@
 // Work is split over the *concatenation* of all tensors, not tensor by tensor: one
 // at::parallel_for over the total element count, each thread walking the tensors its range
 // covers. Models with thousands of small tensors then cost one parallel region per step, not
-// one per tensor.
+// one per tensor. at::parallel_for is inline OpenMP, so this file is built with -fopenmp
+// (without it the pragma is ignored and everything runs on one thread).
 //
 // The headers are kept small on purpose (no torch/extension.h, no pybind11, no
 // ATen/cpu/vec): building takes a few seconds instead of ~40 s, and the inner loop is plain
