@@ -517,9 +517,11 @@ class ADOPTW(ADOPT):
 def _default_foreach(params: list[Tensor], differentiable: bool) -> bool:
     """The multi-tensor path on CUDA (fewer kernel launches), the for-loop path elsewhere.
 
-    On CPU the for-loop path is the faster of the two (measured with ``adoptim bench``): it
-    walks each tensor while it is in cache, where the foreach ops make one full pass over all
-    tensors per operation.
+    On CPU (when the fused kernel cannot be built) the for-loop path is the faster of the two
+    on real model shapes (``adoptim bench``, 2 cores: 2.8x vs 5.2x fused Adam's step time on
+    20 x 1M, 3.4x vs 5.5x on GPT-2 small's shapes): it walks each tensor while it is in cache,
+    where the foreach ops make one full pass over all tensors per operation. Only thousands of
+    tiny tensors favour foreach (3.0x vs 3.8x on 2,000 x 1k).
     """
     if differentiable or is_compiling():
         return False
