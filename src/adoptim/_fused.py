@@ -1,7 +1,7 @@
 """The fused (single-pass) ADOPT step on CPU, and the extras every path shares with it.
 
 The kernel is C++ (``csrc/fused_adopt.cpp``), built with ``torch.utils.cpp_extension`` on first
-use and cached, one shared library for all tensors and dtypes. Building takes 10-40 s, so it
+use and cached, one shared library for all tensors and dtypes. Building takes 6-40 s, so it
 never blocks a step:
 
 * the first time a fused step is wanted, a detached ``python -m adoptim._fused_build`` process
