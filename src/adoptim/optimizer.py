@@ -118,7 +118,9 @@ class ADOPT(Optimizer):
             would use with Adam.
         betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.9999)). ADOPT converges for any
             beta2; 0.9999 is the paper's default.
-        eps: floor on ``sqrt(v)`` (a ``max``, not an addition), >= 0 (default 1e-6).
+        eps: floor on ``sqrt(v)`` (a ``max``, not an addition), >= 0 (default 1e-6). With
+            ``eps=0`` a coordinate whose gradients have all been 0 divides 0 by 0 and becomes
+            NaN (as in ``torch.optim.Adam`` with ``eps=0``); keep it positive.
         clip_lambda: the clip schedule c_t. A number p or :class:`PowerClip` (default
             ``t ** 0.25``) is stored in ``state_dict()`` as the group's ``clip_exp``; ``None``
             turns clipping off; any other callable ``step -> bound`` works as in torch-adopt
