@@ -10,6 +10,7 @@ that a silent fallback to it cannot pass for the kernel.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -504,6 +505,24 @@ def test_fused_true_without_compiler_raises_at_construction(cold_cache, monkeypa
     opt.step()
     assert cold_cache == []
     assert not torch.equal(p, torch.zeros(4))
+
+
+def test_ninja_is_found_next_to_the_interpreter_and_its_absence_is_explained(
+    cold_cache, monkeypatch, tmp_path
+):
+    # The kernel builds with the machine's compiler and the `ninja` that pip installs next to
+    # this interpreter, which is found even when that folder is not on PATH (venv not active).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "c++").symlink_to(shutil.which("c++") or "/bin/true")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("CXX", raising=False)
+    scripts = tmp_path / "venv-bin"
+    scripts.mkdir()
+    monkeypatch.setattr(_fused.sys, "executable", str(scripts / "python"))
+    assert "needs ninja (pip install ninja)" in _fused.unsupported_reason()
+    (scripts / "ninja").symlink_to(shutil.which("ninja", path=_fused._build_path()) or "/bin/true")
+    assert _fused.unsupported_reason() is None
 
 
 def test_fused_true_unsupported_device_and_dtype():

@@ -139,6 +139,13 @@ def _build_flags() -> list[str]:
     return flags
 
 
+def _build_path() -> str:
+    """PATH for the builder: the caller's, plus this interpreter's scripts folder, where
+    ``pip install ninja`` (a dependency) puts ninja even when the venv is not activated."""
+    scripts = os.path.dirname(sys.executable)
+    return os.pathsep.join([os.environ.get("PATH", ""), scripts])
+
+
 def _cache_root() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions"
@@ -200,9 +207,7 @@ def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
             f"{os.environ.get('CXX', 'c++')!r} was not found on PATH: install g++ or clang "
             "(or point CXX at one), or leave fused unset to use the for-loop path"
         )
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if shutil.which("ninja", path=_build_path()) is None:
         return (
             "building the fused kernel needs ninja (pip install ninja), or leave fused unset "
             "to use the for-loop path"
@@ -255,6 +260,7 @@ def _start_build(directory: Path) -> None:
         with open(directory / "build.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "adoptim._fused_build", str(directory)],
+                env={**os.environ, "PATH": _build_path()},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
