@@ -337,14 +337,15 @@ def _build_main(directory: Path) -> int:
     from torch.utils import cpp_extension
 
     marker = directory / "building.pid"
+    cflags = _build_flags()
     try:
         with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as tmp:
             t0 = time.perf_counter()
             cpp_extension.load(
                 name="adoptim_fused",
                 sources=[str(_SOURCE)],
-                extra_cflags=_build_flags(),
-                extra_ldflags=["-fopenmp"] if "-fopenmp" in _build_flags() else [],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in cflags else [],
                 build_directory=tmp,
                 is_python_module=False,
                 verbose=True,

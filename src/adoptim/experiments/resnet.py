@@ -342,8 +342,7 @@ def report(sweep, out: Path) -> Path:
         rep.text(f"ResNet-{c['depth']} on {c['dataset']} ({c['train_subset'] or 'all'} training "
                  f"images, {c['test_subset'] or 'all'} test images), {c['steps']} steps of "
                  f"{c['batch_size']}, peak lr {Args.lr} (or as the row says) with cosine decay, "
-                 f"augmentation "
-                 f"{c['augment']}. Spread over seeds.")
+                 f"augmentation {c['augment']}. Spread over seeds.")
     for r in results:
         r["label"] = _label(r["config"])
     groups = sorted({(r["config"]["warmup_steps"], r["label"]) for r in results})
@@ -382,7 +381,8 @@ def report(sweep, out: Path) -> Path:
 
 EXPERIMENT = Experiment(
     name="resnet",
-    description="ResNet-20 on Fashion-MNIST or MNIST-5k (or CIFAR-10): Adam vs ADOPT, with/without warmup",
+    description="ResNet-20 on Fashion-MNIST or MNIST-5k (or CIFAR-10): Adam vs ADOPT, "
+                "with/without warmup",
     quick=quick_sweep,
     full=full_sweep,
     run=run,

@@ -259,8 +259,8 @@ def report(sweep, out: Path) -> Path:
         c = results[0]["config"]
         rep.text(f"Dataset {c['dataset']}, {c['epochs']} epochs of batch {c['batch_size']}, "
                  f"lr {Args.lr} for every optimizer (or as the row says), latent {c['latent']}, "
-                 "Bernoulli decoder. "
-                 f"Held-out negative ELBO and importance-weighted NLL (K={c['iw_samples']}), "
+                 "Bernoulli decoder. Held-out negative ELBO and importance-weighted NLL "
+                 f"(K={c['iw_samples']}), "
                  "nats per image (lower is better); spread over seeds.")
     rows = []
     fig, axes = new_figure(1, 2)
