@@ -28,9 +28,9 @@ def fused_unavailable_reason() -> str | None:
         ADOPT([torch.zeros(2, requires_grad=True)], fused=True)
         # The kernel is built in the background on first use and the for-loop code runs
         # until it is ready; wait, so that a "fused" test runs the kernel from start to end.
-        from adoptim import _fused
+        from adoptim import _kernel_cache
 
-        load = getattr(_fused, "load_kernel", None)
+        load = getattr(_kernel_cache, "load_kernel", None)
         if load is not None:
             load(build=True, wait=True, timeout=600)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -15,8 +15,8 @@ import shutil
 import pytest
 import torch
 
-import adoptim.optimizer as optimizer_module
-from adoptim import ADOPT, ADOPTW, _fused
+import adoptim._forloop as forloop_module
+from adoptim import ADOPT, ADOPTW, _cpu_kernel, _kernel_cache
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -24,10 +24,10 @@ from adoptim import ADOPT, ADOPTW, _fused
 
 @pytest.fixture(scope="session")
 def kernel():
-    reason = _fused.unsupported_reason()
+    reason = _cpu_kernel.unsupported_reason()
     if reason is not None:
         pytest.skip(f"fused kernel unavailable: {reason}")
-    return _fused.load_kernel(wait=True, timeout=600)
+    return _kernel_cache.load_kernel(wait=True, timeout=600)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def no_forloop(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the for-loop path ran where the fused kernel should have")
 
-    monkeypatch.setattr(optimizer_module, "_single_tensor_adopt", refuse)
+    monkeypatch.setattr(forloop_module, "single_tensor_adopt", refuse)
 
 
 def reference_run(
@@ -163,8 +163,8 @@ def test_fused_matches_float64_reference_and_forloop(kernel, kw, monkeypatch):
     loop, loop_opt = run_optimizer(init, seq, foreach=False, **kw)
     with monkeypatch.context() as mp:
         mp.setattr(
-            optimizer_module,
-            "_single_tensor_adopt",
+            forloop_module,
+            "single_tensor_adopt",
             lambda *a, **k: pytest.fail("for-loop path ran under fused=True"),
         )
         fused, fused_opt = run_optimizer(init, seq, fused=True, **kw)
@@ -212,9 +212,9 @@ def test_fused_100_steps_within_1e6_of_forloop(kernel):
 def test_default_picks_kernel_on_cpu_and_explicit_flags_win(kernel, monkeypatch):
     p = torch.randn(10, requires_grad=True)
     calls = []
-    real = optimizer_module._single_tensor_adopt
+    real = forloop_module.single_tensor_adopt
     monkeypatch.setattr(
-        optimizer_module, "_single_tensor_adopt", lambda *a, **k: calls.append(1) or real(*a, **k)
+        forloop_module, "single_tensor_adopt", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     opt = ADOPT([p])  # fused unset: the kernel, which is built
     p.grad = torch.randn(10)
@@ -486,11 +486,11 @@ def test_stochastic_rounding_keeps_small_updates(path, request):
 def cold_cache(tmp_path, monkeypatch):
     """An empty kernel cache and no kernel loaded; builds are recorded, not started."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(_fused, "_op", None)
-    monkeypatch.setattr(_fused, "_last_poll", 0.0)
-    monkeypatch.setattr(_fused, "_buildable_cache", {})
+    monkeypatch.setattr(_kernel_cache, "_op", None)
+    monkeypatch.setattr(_kernel_cache, "_last_poll", 0.0)
+    monkeypatch.setattr(_kernel_cache, "_buildable_cache", {})
     started = []
-    monkeypatch.setattr(_fused, "_start_build", lambda directory: started.append(directory))
+    monkeypatch.setattr(_kernel_cache, "_start_build", lambda directory: started.append(directory))
     return started
 
 
@@ -519,10 +519,10 @@ def test_ninja_is_found_next_to_the_interpreter_and_its_absence_is_explained(
     monkeypatch.delenv("CXX", raising=False)
     scripts = tmp_path / "venv-bin"
     scripts.mkdir()
-    monkeypatch.setattr(_fused.sys, "executable", str(scripts / "python"))
-    assert "needs ninja (pip install ninja)" in _fused.unsupported_reason()
-    (scripts / "ninja").symlink_to(shutil.which("ninja", path=_fused._build_path()) or "/bin/true")
-    assert _fused.unsupported_reason() is None
+    monkeypatch.setattr(_kernel_cache.sys, "executable", str(scripts / "python"))
+    assert "needs ninja (pip install ninja)" in _cpu_kernel.unsupported_reason()
+    (scripts / "ninja").symlink_to(shutil.which("ninja", path=_kernel_cache._build_path()) or "/bin/true")
+    assert _cpu_kernel.unsupported_reason() is None
 
 
 def test_fused_true_unsupported_device_and_dtype():
@@ -552,7 +552,7 @@ def test_fused_runs_forloop_while_kernel_builds(cold_cache, monkeypatch):
 
 def test_failed_build_raises_for_fused_true_only(cold_cache, monkeypatch):
     monkeypatch.setenv("CXX", "/bin/true")
-    directory = _fused.kernel_path().parent
+    directory = _kernel_cache.kernel_path().parent
     directory.mkdir(parents=True)
     (directory / "build.log").write_text("error: something the compiler said\n")
     (directory / "build-failed").touch()
@@ -561,7 +561,7 @@ def test_failed_build_raises_for_fused_true_only(cold_cache, monkeypatch):
     p.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="something the compiler said"):
         opt.step()
-    monkeypatch.setattr(_fused, "_last_poll", 0.0)
+    monkeypatch.setattr(_kernel_cache, "_last_poll", 0.0)
     opt = ADOPT([p])  # fused unset: silently the for-loop path
     opt.step()
     assert cold_cache == []

@@ -129,9 +129,9 @@ def _timm_adopt() -> type:
 
 
 def _fused_unavailable() -> str | None:
-    from adoptim import _fused
+    from adoptim import _cpu_kernel
 
-    return _fused.unsupported_reason()
+    return _cpu_kernel.unsupported_reason()
 
 
 def _adopt(**kw: Any) -> Callable:
@@ -230,11 +230,11 @@ def _time_one(
         opt.step()  # creates the state
         first = time.perf_counter() - t0
         if entry.name.startswith("adopt-"):
-            from adoptim import _fused
+            from adoptim import _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
             if entry.name in ("adopt-fused", "adopt-default") and _fused_unavailable() is None:
-                _fused.load_kernel(wait=True)
+                _kernel_cache.load_kernel(wait=True)
         for _ in range(warmup):
             opt.step()
         times = []
@@ -394,7 +394,7 @@ def _startup_child(suite: str, scale: float, which: str, spawned_at: float) -> N
     """Run in a fresh process: step ADOPT(fused=True) until the kernel has run once (or take
     one torch.optim.Adam(fused=True) step, for comparison); print the times as JSON."""
     t_start = time.perf_counter()
-    from adoptim import ADOPT, _fused
+    from adoptim import ADOPT, _kernel_cache
 
     params = _make_params(suite_shapes(suite, scale), 0)
     t_params = time.perf_counter()
@@ -407,10 +407,10 @@ def _startup_child(suite: str, scale: float, which: str, spawned_at: float) -> N
     first_wall = time.time()
     steps = 1
     if which != "adam":
-        while _fused._op is None and time.perf_counter() - first < 600:
+        while not _kernel_cache.is_loaded() and time.perf_counter() - first < 600:
             opt.step()
             steps += 1
-        if _fused._op is None:
+        if not _kernel_cache.is_loaded():
             raise RuntimeError("the fused kernel was not ready after 600 s")
         # A step loads a newly built kernel as it starts, so the step that left it loaded
         # ran it (and with a warm cache the constructor loaded it: the first step ran it).
@@ -453,10 +453,10 @@ def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
             res["process_s"] = time.perf_counter() - t0
             out[label] = res
             if label == "adopt cold":
-                from adoptim import _fused
+                from adoptim import _kernel_cache
 
                 # The detached builder may still be copying; wait for the published library.
-                key_dir = Path(cache) / "adoptim_fused" / _fused._cache_key()
+                key_dir = Path(cache) / "adoptim_fused" / _kernel_cache._cache_key()
                 for _ in range(6000):
                     if (key_dir / "adoptim_fused.so").exists() and not (
                         key_dir / "building.pid"

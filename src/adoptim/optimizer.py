@@ -1,10 +1,10 @@
 """The ADOPT optimizer (Taniguchi et al., NeurIPS 2024, arXiv 2411.02853).
 
-Layout, as in ``torch.optim``: the :class:`ADOPT` class keeps hyperparameters and state and
-calls the functional :func:`adopt`, which dispatches to the for-loop path
-(:func:`_single_tensor_adopt`, the readable one) or the multi-tensor path
-(:func:`_multi_tensor_adopt`). Both take the same arguments and perform the same operations in
-the same order; the tests hold both to a float64 reference.
+Layout, as in ``torch.optim``: the :class:`ADOPT` class keeps hyperparameters and state,
+validates them, collects each group's tensors and calls the functional
+:func:`adoptim.functional.adopt`, which picks a path (for-loop, foreach, fused kernel; one
+module each). Every path performs the same operations in the same order; the tests hold each
+to a float64 reference.
 
 The first call on which a tensor has a gradient only stores ``v = g*g``. Rather than branch on
 the step count (a tensor, which would break ``torch.compile`` graphs and CUDA-graph capture),
@@ -15,8 +15,6 @@ for ``theta`` and ``m``: the clip bound is 0 (so the normalised gradient is 0 an
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,61 +22,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adoptim import _fused
-from adoptim._utils import group_by_device_and_dtype, is_compiling, view_as_real_if_complex
+from adoptim import _cpu_kernel, _kernel_cache, _state
+from adoptim._convert import from_adam
+from adoptim._schedule import DEFAULT_CLIP, ClipSpec, PowerClip, split_clip
+from adoptim.functional import adopt
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
-ClipSpec = float | Callable[[Any], Any] | None
 # Param-group flags that choose how the step runs rather than what it computes.
 _PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
-
-
-class PowerClip:
-    """The clip schedule ``c_t = t ** exponent`` (the paper's is ``t ** 0.25``).
-
-    A callable, so it can be passed where ``torch-adopt`` takes ``clip_lambda``; unlike a
-    lambda it is stored in ``state_dict()`` (as the group's ``clip_exp``) and pickles.
-    """
-
-    def __init__(self, exponent: float = 0.25) -> None:
-        self.exponent = float(exponent)
-
-    def __call__(self, step: Any) -> Any:
-        return step**self.exponent
-
-    def __repr__(self) -> str:
-        return f"PowerClip({self.exponent})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PowerClip) and other.exponent == self.exponent
-
-    def __hash__(self) -> int:
-        return hash(("PowerClip", self.exponent))
-
-
-DEFAULT_CLIP = PowerClip(0.25)  # the paper's c_t = t ** 0.25
-
-
-def _split_clip(clip_lambda: ClipSpec) -> tuple[float | None, Callable | None]:
-    """``clip_lambda`` as (power-law exponent kept in param groups, custom callable or None)."""
-    if clip_lambda is None:
-        return None, None
-    if isinstance(clip_lambda, PowerClip):
-        exponent = clip_lambda.exponent
-    elif isinstance(clip_lambda, (int, float)) and not isinstance(clip_lambda, bool):
-        exponent = float(clip_lambda)
-    elif callable(clip_lambda):
-        return None, clip_lambda
-    else:
-        raise TypeError(
-            "clip_lambda must be a number p (clip at t ** p), a PowerClip, a callable "
-            f"step -> bound, or None (no clipping); got {clip_lambda!r}"
-        )
-    if not (math.isfinite(exponent) and exponent >= 0.0):
-        raise ValueError(f"Invalid clip exponent: {exponent} (must be finite and >= 0)")
-    return exponent, None
 
 
 def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
@@ -194,7 +147,7 @@ class ADOPT(Optimizer):
         _check_range("beta parameter at index 0 (beta1)", betas[0], 0.0, 1.0)
         _check_range("beta parameter at index 1 (beta2)", betas[1], 0.0, 1.0)
         _check_range("weight_decay value", weight_decay, 0.0)
-        state_dtype = _fused.resolve_state_dtype(state_dtype)
+        state_dtype = _state.resolve_state_dtype(state_dtype)
         if fused:
             if foreach:
                 raise ValueError("fused=True and foreach=True cannot be used together")
@@ -202,7 +155,7 @@ class ADOPT(Optimizer):
                 raise ValueError("fused=True and differentiable=True cannot be used together")
         if foreach and differentiable:
             raise ValueError("foreach=True and differentiable=True cannot be used together")
-        clip_exp, self.clip_lambda = _split_clip(clip_lambda)
+        clip_exp, self.clip_lambda = split_clip(clip_lambda)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -220,12 +173,12 @@ class ADOPT(Optimizer):
         )
         super().__init__(params, defaults)
         if fused:
-            reason = _fused.unsupported_reason(
+            reason = _cpu_kernel.unsupported_reason(
                 [p for group in self.param_groups for p in group["params"]]
             )
             if reason is not None:
                 raise RuntimeError(f"fused=True cannot be used: {reason}")
-            _fused.load_kernel(build=True)  # start building now, so it is ready sooner
+            _kernel_cache.load_kernel(build=True)  # start building now, so it is ready sooner
             # A GradScaler then hands its scale and inf flag to step() instead of unscaling.
             self._step_supports_amp_scaling = True
 
@@ -270,7 +223,7 @@ class ADOPT(Optimizer):
         # foreach=True loads into a for-loop or fused optimizer and runs there.
         kept = [{k: g[k] for k in _PATH_FLAGS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        _fused.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
+        _state.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
         for group, flags in zip(self.param_groups, kept):
             group.update(flags)
             for p in group["params"]:  # `step` on the device only when capturable
@@ -312,72 +265,7 @@ class ADOPT(Optimizer):
 
         Parameters without Adam state (no step yet) start fresh.
         """
-        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
-            raise TypeError(
-                f"from_adam expects a torch.optim.Adam or AdamW optimizer, got "
-                f"{type(adam).__name__}"
-            )
-        if exp_avg not in ("normalized", "zero"):
-            raise ValueError(f"exp_avg must be 'normalized' or 'zero', got {exp_avg!r}")
-        def own(value: Any) -> Any:  # a tensor lr/beta is copied, not shared with Adam's
-            return value.detach().clone() if isinstance(value, Tensor) else value
-
-        groups = []
-        for g in adam.param_groups:
-            group: dict[str, Any] = {
-                "params": list(g["params"]),
-                "lr": own(g["lr"]),
-                "betas": tuple(own(b) for b in g["betas"]),
-                "weight_decay": g["weight_decay"],
-                "maximize": g.get("maximize", False),
-            }
-            if cls is ADOPT:
-                decoupled = isinstance(adam, torch.optim.AdamW) or g.get(
-                    "decoupled_weight_decay", False
-                )
-                group["decouple"] = bool(decoupled)
-            group.update(overrides)
-            groups.append(group)
-        new = cls(groups)
-        for group, adam_group in zip(new.param_groups, adam.param_groups):
-            beta2 = group["betas"][1]
-            beta2_adam = float(adam_group["betas"][1])
-            for p in group["params"]:
-                old = adam.state.get(p, {})
-                if "step" not in old:
-                    continue
-                t = float(old["step"])
-                if t == 0:
-                    continue
-                dtype = _fused.state_dtype_for(p, group["state_dtype"])
-                real = p.real if torch.is_complex(p) else p
-                work = torch.promote_types(real.dtype, torch.float32)
-                v_adam, m_adam = (
-                    view_as_real_if_complex(old[k])[0].to(work) for k in ("exp_avg_sq", "exp_avg")
-                )
-                v = v_adam / (1 - beta2_adam**t)
-                if exp_avg == "normalized":
-                    m = m_adam / v.sqrt().clamp(min=group["eps"])
-                    (bound,), _, _ = _call_scalars(
-                        [torch.tensor(t)],
-                        as_tensors=False,
-                        lr=0.0,
-                        beta2=beta2,
-                        weight_decay=0.0,
-                        clip_exp=group["clip_exp"],
-                        clip_fn=new.clip_lambda,
-                    )
-                    m = m.clamp(-bound, bound)
-                else:
-                    m = torch.zeros_like(v)
-                state = new.state[p]
-                device = p.device if group["capturable"] else torch.device("cpu")
-                state["step"] = torch.tensor(t, dtype=torch.float32, device=device)
-                for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
-                    buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    view_as_real_if_complex(buf)[0].copy_(value)
-                    state[key] = buf
-        return new
+        return from_adam(cls, adam, exp_avg=exp_avg, **overrides)
 
     def _init_group(
         self,
@@ -406,7 +294,7 @@ class ADOPT(Optimizer):
                 # device sync (as in torch.optim.Adam).
                 step_device = p.device if group["capturable"] else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-                state_dtype = _fused.state_dtype_for(p, group["state_dtype"])
+                state_dtype = _state.state_dtype_for(p, group["state_dtype"])
                 state["exp_avg"] = torch.zeros_like(
                     p, dtype=state_dtype, memory_format=torch.preserve_format
                 )
@@ -514,267 +402,3 @@ class ADOPTW(ADOPT):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
         )
-
-
-def _default_foreach(params: list[Tensor], differentiable: bool) -> bool:
-    """The multi-tensor path on CUDA (fewer kernel launches), the for-loop path elsewhere.
-
-    On CPU (when the fused kernel cannot be built) the for-loop path is the faster of the two
-    on real model shapes (``adoptim bench``, 2 cores: 2.8x vs 5.2x fused Adam's step time on
-    20 x 1M, 3.4x vs 5.5x on GPT-2 small's shapes): it walks each tensor while it is in cache,
-    where the foreach ops make one full pass over all tensors per operation. Only thousands of
-    tiny tensors favour foreach (3.0x vs 3.8x on 2,000 x 1k).
-    """
-    if differentiable or is_compiling():
-        return False
-    return all(p.device.type == "cuda" for p in params)
-
-
-def adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool | None = None,
-    capturable: bool = False,
-    differentiable: bool = False,
-    has_complex: bool = False,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip_exp: float | None,
-    clip_fn: Callable | None = None,
-    weight_decay: float,
-    decouple: bool,
-    maximize: bool,
-    fused: bool | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-) -> None:
-    """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
-    in place. See :class:`ADOPT` for the algorithm and the arguments.
-
-    ``grad_scale``/``found_inf`` are a GradScaler's: gradients are divided by ``grad_scale``,
-    and if ``found_inf`` is nonzero nothing changes, step counts included (one host read).
-    Moments wider than their parameter (float32 state for bfloat16) make the update run in
-    float32 and round the parameter once (``stochastic_rounding`` for bfloat16).
-    """
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    if fused is True:  # asked for: a failed kernel build raises instead of falling back
-        run = functools.partial(_fused.fused_adopt, strict=True)
-    elif fused is None and foreach is None and _fused.default_to_fused(params, differentiable):
-        run = _fused.fused_adopt
-    else:
-        if foreach is None:
-            foreach = _default_foreach(params, differentiable)
-        func = _multi_tensor_adopt if foreach else _single_tensor_adopt
-        run = functools.partial(_fused.run_unfused, func)
-    run(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
-        scalars_as_tensors=capturable or differentiable or is_compiling(),
-        has_complex=has_complex,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        clip_exp=clip_exp,
-        clip_fn=clip_fn,
-        weight_decay=weight_decay,
-        decouple=decouple,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        stochastic_rounding=stochastic_rounding,
-    )
-
-
-def _call_scalars(
-    steps: list[Tensor],
-    *,
-    as_tensors: bool,
-    lr: float | Tensor,
-    beta2: float,
-    weight_decay: float,
-    clip_exp: float | None,
-    clip_fn: Callable | None,
-) -> tuple[list, list, list]:
-    """Per-tensor scalars for this call from each tensor's count of earlier calls ``s``.
-
-    Returns three lists (Python floats, or 0-dim tensors when ``as_tensors``):
-      * the clip bound: ``s ** clip_exp`` (or ``clip_fn(s)``, or inf without clipping) for
-        s >= 1, and 0 on the first call, which zeroes n so neither m nor theta moves;
-      * the weight w of ``g*g`` in ``v = beta2*v + w*g*g``: ``1 - beta2``, or 1 on the first
-        call, where v is still 0 and becomes ``g*g``;
-      * the decoupled-decay factor ``1 - lr * weight_decay``, or 1 on the first call.
-
-    They are computed in float64 (float32 on MPS, which has no float64) and rounded once
-    where an op meets the tensor: ``1 - beta2`` formed in float32 would be 1.7e-4 off.
-    """
-    dtype = torch.float32 if steps[0].device.type == "mps" else torch.float64
-    s = torch.stack(steps) if as_tensors else torch.tensor([t.item() for t in steps])
-    s = s.to(dtype)
-    first = s == 0
-    started = (~first).to(dtype)
-    if clip_exp is not None:
-        bound = torch.where(first, 0.0, s.pow(clip_exp))
-    elif clip_fn is not None and as_tensors:
-        bound = torch.where(first, 0.0, clip_fn(s.clamp(min=1)))
-    elif clip_fn is not None:  # a user's callable may expect a Python number, as in torch-adopt
-        bound = torch.tensor([clip_fn(t) if t > 0 else 0.0 for t in s.tolist()], dtype=dtype)
-    else:
-        bound = torch.where(first, 0.0, math.inf)
-    sq_weight = 1 - started * beta2
-    decay = 1 - started * (lr * weight_decay)
-    if as_tensors:
-        return list(bound.unbind()), list(sq_weight.unbind()), list(decay.unbind())
-    return bound.tolist(), sq_weight.tolist(), decay.tolist()
-
-
-def _single_tensor_adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    scalars_as_tensors: bool,
-    has_complex: bool,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip_exp: float | None,
-    clip_fn: Callable | None,
-    weight_decay: float,
-    decouple: bool,
-    maximize: bool,
-) -> None:
-    if isinstance(lr, Tensor) and not scalars_as_tensors:
-        lr = lr.item()
-    scalar_kw = dict(
-        as_tensors=scalars_as_tensors,
-        lr=lr,
-        beta2=beta2,
-        weight_decay=weight_decay if decouple else 0.0,
-        clip_exp=clip_exp,
-        clip_fn=clip_fn,
-    )
-    if not scalars_as_tensors:  # one host-side computation for the whole group
-        bounds, sq_weights, decays = _call_scalars(state_steps, **scalar_kw)
-
-    # A tensor weight_decay (differentiable mode) is always applied: no branch on its value.
-    has_decay = isinstance(weight_decay, Tensor) or weight_decay != 0
-    tracking = torch.is_grad_enabled()  # autograd records the update (differentiable=True)
-    for i, param in enumerate(params):
-        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
-        if scalars_as_tensors:
-            (bound,), (sq_weight,), (decay,) = _call_scalars([step_t], **scalar_kw)
-        else:
-            bound, sq_weight, decay = bounds[i], sq_weights[i], decays[i]
-
-        if maximize:
-            grad = -grad
-        if has_decay and not decouple:  # coupled (L2): enters v too
-            if isinstance(weight_decay, Tensor):  # alpha must be a number
-                grad = grad.addcmul(param.clone() if tracking else param, weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
-        param, grad, exp_avg, exp_avg_sq = view_as_real_if_complex(
-            param, grad, exp_avg, exp_avg_sq
-        )
-
-        if has_decay and decouple:
-            param.mul_(decay)
-        denom = exp_avg_sq.sqrt()
-        # Under autograd, sqrt's backward needs its output and addcmul's needs m as they are
-        # now: update copies instead of the tensors autograd saved.
-        denom = denom.clamp(min=eps) if tracking else denom.clamp_(min=eps)
-        normed = grad / denom  # n = g / max(sqrt(v), eps)
-        normed.clamp_(-bound, bound)  # n = clip(n, c_t)
-        exp_avg.lerp_(normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
-        if isinstance(lr, Tensor):
-            param.addcmul_(exp_avg.clone() if tracking else exp_avg, lr, value=-1)
-        else:  # theta = theta - lr*m
-            param.add_(exp_avg, alpha=-lr)
-        # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
-        if isinstance(sq_weight, Tensor):  # addcmul's value must be a number
-            exp_avg_sq.mul_(beta2).addcmul_(grad * sq_weight, grad)
-        else:
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=sq_weight)
-        step_t += 1
-
-
-def _multi_tensor_adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    scalars_as_tensors: bool,
-    has_complex: bool,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip_exp: float | None,
-    clip_fn: Callable | None,
-    weight_decay: float,
-    decouple: bool,
-    maximize: bool,
-) -> None:
-    if isinstance(lr, Tensor) and not scalars_as_tensors:
-        lr = lr.item()
-    buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps in buckets.values():
-        # Each tensor gets its own scalars from its own step count: tensors that started
-        # late, or were frozen for a while, share a bucket with the others.
-        bounds, sq_weights, decays = _call_scalars(
-            b_steps,
-            as_tensors=scalars_as_tensors,
-            lr=lr,
-            beta2=beta2,
-            weight_decay=weight_decay if decouple else 0.0,
-            clip_exp=clip_exp,
-            clip_fn=clip_fn,
-        )
-        if maximize:
-            b_grads = torch._foreach_neg(b_grads)
-        if weight_decay != 0 and not decouple:
-            b_grads = torch._foreach_add(b_grads, b_params, alpha=weight_decay)
-        if has_complex:
-            b_params, b_grads, b_exp_avgs, b_exp_avg_sqs = (
-                [view_as_real_if_complex(t)[0] for t in tensors]
-                for tensors in (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs)
-            )
-
-        if weight_decay != 0 and decouple:
-            torch._foreach_mul_(b_params, decays)
-        denom = torch._foreach_sqrt(b_exp_avg_sqs)
-        torch._foreach_clamp_min_(denom, eps)
-        normed = torch._foreach_div(b_grads, denom)  # n = g / max(sqrt(v), eps)
-        del denom
-        torch._foreach_clamp_min_(normed, [-b for b in bounds])  # n = clip(n, c_t)
-        torch._foreach_clamp_max_(normed, bounds)
-        torch._foreach_lerp_(b_exp_avgs, normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
-        del normed
-        if isinstance(lr, Tensor):  # theta = theta - lr*m
-            torch._foreach_sub_(b_params, torch._foreach_mul(b_exp_avgs, lr))
-        else:
-            torch._foreach_add_(b_params, b_exp_avgs, alpha=-lr)
-        # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
-        torch._foreach_mul_(b_exp_avg_sqs, beta2)
-        if scalars_as_tensors:  # addcmul's per-tensor scalars must be numbers
-            torch._foreach_addcmul_(b_exp_avg_sqs, torch._foreach_mul(b_grads, sq_weights), b_grads)
-        else:
-            torch._foreach_addcmul_(b_exp_avg_sqs, b_grads, b_grads, sq_weights)
-        torch._foreach_add_(b_steps, 1)

@@ -4,7 +4,7 @@
 // one read and one write of each element: 4 loads (theta, g, m, v) and 3 stores (theta, m, v),
 // the 28 bytes/param that the benchmark counts. The per-tensor scalars (clip bound, weight of
 // g*g in v, decoupled-decay factor) come from Python, computed by the same code as the other
-// paths (optimizer._call_scalars), so the schedule lives in one place. The update follows the
+// paths (adoptim._schedule.call_scalars), so the schedule lives in one place. The update follows the
 // for-loop path's operations in its order, so that the two agree to float32 rounding.
 //
 // Work is split over the *concatenation* of all tensors, not tensor by tensor: one

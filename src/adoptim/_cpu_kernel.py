@@ -1,0 +1,182 @@
+"""The fused CPU path: the whole step in one pass over memory, by the C++ kernel.
+
+This module hands a step to the kernel (``csrc/fused_adopt.cpp``; built and cached by
+:mod:`adoptim._kernel_cache`): it buckets the tensors by dtype, computes the per-tensor
+scalars with the same code as the other paths (:func:`adoptim._schedule.call_scalars`), and
+says which tensors the kernel cannot take, so that the caller runs those (or all of them,
+while the kernel is being built) on the for-loop path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adoptim._kernel_cache import (
+    build_unavailable_reason,
+    buildable,
+    failure_message,
+    is_loaded,
+    load_kernel,
+)
+from adoptim._schedule import call_scalars
+from adoptim._utils import is_compiling, view_as_real_if_complex
+
+__all__ = ["SUPPORTED_DTYPES", "default_to_fused", "fused_adopt", "unsupported_reason"]
+
+SUPPORTED_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.complex64,
+    torch.complex128,
+)
+
+
+def _disabled() -> bool:
+    return os.environ.get("ADOPTIM_DISABLE_FUSED", "") not in ("", "0")
+
+
+def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
+    """Why the fused kernel cannot run on these parameters here, or None if it can.
+
+    Checked at construction for ``fused=True`` (which then raises with this text) and by the
+    default choice for ``fused=None`` (which then quietly takes another path).
+    """
+    if _disabled():
+        return "the fused kernel is disabled by the environment variable ADOPTIM_DISABLE_FUSED"
+    for p in params or ():
+        if type(p) not in (Tensor, torch.nn.Parameter):
+            return (
+                f"the fused kernel takes plain tensors, and a parameter is a {type(p).__name__} "
+                "(e.g. a DTensor from FSDP2 or tensor parallelism); use foreach=True or "
+                "leave fused unset"
+            )
+        if p.device.type != "cpu":
+            return (
+                f"the fused kernel runs on CPU tensors only and a parameter is on {p.device}; "
+                "on CUDA use foreach=True (the default there) or leave fused unset"
+            )
+        if p.dtype not in SUPPORTED_DTYPES:
+            return (
+                f"the fused kernel does not support parameters of dtype {p.dtype} (supported: "
+                "float32, float64, bfloat16, float16, complex64, complex128); leave fused unset"
+            )
+    return build_unavailable_reason()
+
+
+def default_to_fused(params: list[Tensor], differentiable: bool) -> bool:
+    """The rule for ``fused=None`` (with ``foreach=None``): the fused kernel for CPU
+    parameters when it can be built here, except when differentiating through the step or
+    under torch.compile."""
+    if differentiable or is_compiling() or _disabled():
+        return False
+    if not all(p.device.type == "cpu" and p.dtype in SUPPORTED_DTYPES for p in params):
+        return False
+    if not all(type(p) in (Tensor, torch.nn.Parameter) for p in params):
+        return False  # tensor subclasses (FSDP2's DTensor shards) take the unfused paths
+    return is_loaded() or buildable()
+
+
+def fused_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_scale: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    strict: bool = False,
+    **kwargs: Any,
+) -> list[int]:
+    """The fused path: one pass over memory per tensor, all tensors in one kernel call.
+
+    Returns the indices of the tensors it left alone, for the caller to run on the for-loop
+    path: all of them while the kernel is being built and under torch.compile (the op has no
+    tracing rules), and those whose layout the kernel cannot walk as one flat array (rare:
+    non-dense parameters).
+    """
+    op = None if is_compiling() else load_kernel(build=True)
+    if op is None and strict:  # fused=True: a failed build is an error, not a slow path
+        failure = failure_message()
+        if failure is not None:
+            raise RuntimeError(failure)
+    if op is None:
+        return list(range(len(params)))
+
+    lr = kwargs["lr"]
+    lr = lr.item() if isinstance(lr, Tensor) else float(lr)
+    weight_decay, decouple = kwargs["weight_decay"], kwargs["decouple"]
+    bounds, sq_weights, decays = call_scalars(
+        state_steps,
+        as_tensors=False,
+        lr=lr,
+        beta2=kwargs["beta2"],
+        weight_decay=weight_decay if decouple else 0.0,
+        clip_exp=kwargs["clip_exp"],
+        clip_fn=kwargs["clip_fn"],
+    )
+    scale = 1.0 if grad_scale is None else float(grad_scale.item())
+
+    # One kernel call per (parameter dtype, state dtype); tensors it cannot walk go aside.
+    # This loop is the per-step Python cost of many small tensors: cheap checks first.
+    buckets: dict[tuple, list[int]] = {}
+    aside: list[int] = []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if p.is_contiguous() and m.is_contiguous() and v.is_contiguous():
+            walkable = g.shape == p.shape
+        else:  # e.g. channels_last: any dense layout works when the moments share it
+            dense = p.is_contiguous(memory_format=torch.channels_last)
+            walkable = dense and p.stride() == m.stride() == v.stride() and g.shape == p.shape
+        if walkable:
+            buckets.setdefault((p.dtype, m.dtype), []).append(i)
+        else:
+            aside.append(i)
+    has_complex = kwargs["has_complex"]
+    for (p_dtype, _), index in buckets.items():
+        b_params, b_grads, b_m, b_v = [], [], [], []
+        for i in index:
+            p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+            if has_complex:
+                p, g, m, v = view_as_real_if_complex(p, g, m, v)
+            if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)  # same layout as the parameter
+            b_params.append(p)
+            b_grads.append(g)
+            b_m.append(m)
+            b_v.append(v)
+        scalars = torch.tensor(
+            [
+                [bounds[i] for i in index],
+                [sq_weights[i] for i in index],
+                [decays[i] for i in index],
+            ],
+            dtype=torch.float64,
+        )
+        stochastic = stochastic_rounding and p_dtype == torch.bfloat16
+        # Drawn from torch's generator so that torch.manual_seed makes runs repeatable.
+        seed = int(torch.randint(0, 2**62, ())) if stochastic else 0
+        op(
+            b_params,
+            b_grads,
+            b_m,
+            b_v,
+            [state_steps[i] for i in index],  # the kernel adds 1 to each
+            scalars,
+            lr,
+            kwargs["beta1"],
+            kwargs["beta2"],
+            kwargs["eps"],
+            weight_decay,
+            weight_decay != 0 and not decouple,
+            kwargs["maximize"],
+            scale,
+            stochastic,
+            seed,
+        )
+    return aside
