@@ -24,6 +24,8 @@ class Hyper:
     weight_decay: float = 0.0
     decouple: bool = False
     maximize: bool = False
+    nesterov: bool = False
+    caution: bool = False
 
 
 @dataclass
@@ -69,7 +71,13 @@ class ReferenceADOPT:
                 c = h.clip(t)
                 n = torch.clamp(n, -c, c)
             st.m = h.beta1 * st.m + (1 - h.beta1) * n
-            theta = theta - h.lr * st.m
+            u = st.m
+            if h.nesterov:  # look one momentum step ahead (optax's ADOPT, nesterov=True)
+                u = h.beta1 * st.m + (1 - h.beta1) * n
+            if h.caution:  # Liang et al. 2024: drop coordinates whose sign disagrees with g
+                mask = (u * g > 0).to(u.dtype)
+                u = u * mask / max(mask.mean().item(), 1e-3)
+            theta = theta - h.lr * u
             st.v = h.beta2 * st.v + (1 - h.beta2) * g * g
             st.s = t + 1
             self.theta[i] = theta
