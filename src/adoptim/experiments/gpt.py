@@ -422,6 +422,7 @@ def train(a: Args, ctx=None) -> dict:
         loss_f = float(loss_t)  # a sync point on GPU; fine at this scale
         train_losses.append(loss_f)
         if ctx is not None:
+            ctx.step_loss(loss_f)
             ctx.log(step=it + 1, **{"train/loss": loss_f, "train/lr": lr,
                                     "train/grad_norm": grad_norm,
                                     "perf/seconds": time.time() - t0})

@@ -123,6 +123,8 @@ def train(cfg: MLPConfig, ctx: RunContext | None = None) -> dict:
             opt.step()
             running += loss.item() * len(idx)
             seen += len(idx)
+            if ctx is not None:
+                ctx.step_loss(loss.item())
             if bar is not None:
                 bar.update(1)
         model.eval()

@@ -279,6 +279,8 @@ def train(a: Args, ctx=None) -> dict:
         loss.backward()
         optimizer.step()
         train_losses.append(loss.item())
+        if ctx is not None:
+            ctx.step_loss(train_losses[-1])
         if bar is not None:
             bar.update(1)
     if bar is not None:

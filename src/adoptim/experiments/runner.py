@@ -215,6 +215,7 @@ class RunContext:
         self._jsonl = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 (closed in finish/close)
         self._csv_file = open(self.dir / "metrics.csv", "w", newline="")  # noqa: SIM115
         self._csv: csv.DictWriter | None = None
+        self.step_losses: list[float] = []
         self.start = time.time()
 
     def log(self, **metrics: Any) -> None:
@@ -226,6 +227,11 @@ class RunContext:
             self._csv.writeheader()
         self._csv.writerow(row)
         self._csv_file.flush()
+
+    def step_loss(self, loss: float) -> None:
+        """Record one optimizer step's training loss in memory (``self.step_losses``, not
+        written to disk), for experiments that look at early training (``transfer``)."""
+        self.step_losses.append(float(loss))
 
     def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
         """A tqdm bar for this run (below the sweep's bar; disappears when done)."""

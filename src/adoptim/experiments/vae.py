@@ -192,6 +192,8 @@ def train(a: Args, ctx=None) -> dict:
             optimizer.step()
             losses.append(loss.item())
             step += 1
+            if ctx is not None:
+                ctx.step_loss(losses[-1])
         row = {"epoch": epoch + 1, "step": step, "train/nelbo": float(np.mean(losses))}
         if (epoch + 1) % a.eval_every == 0 or epoch + 1 == a.epochs:
             row["test/nelbo"] = evaluate(model, xte)["nelbo"]
