@@ -52,7 +52,13 @@ def publish(exp_dir: Path, sweep, dest: Path) -> None:
     for f in [exp_dir / "report.md", *sorted(exp_dir.glob("*.png"))]:
         shutil.copy2(f, dest / f.name)
     runs = [{k: v for k, v in r.items() if k != "dir"} for r in load_results(exp_dir, sweep)]
-    (dest / "runs.json").write_text(json.dumps(runs, indent=1, default=str) + "\n")
+    # an experiment with one report per part (transfer: OUT/<name>/<task>/report.md and
+    # runs) publishes each part to dest/<part>/ the same way
+    parts = sorted(p for p in exp_dir.iterdir() if (p / "report.md").is_file())
+    if runs or not parts:
+        (dest / "runs.json").write_text(json.dumps(runs, indent=1, default=str) + "\n")
+    for part in parts:
+        publish(part, sweep, dest / part.name)
 
 
 def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
