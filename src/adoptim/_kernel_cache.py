@@ -1,12 +1,14 @@
-"""Building, caching and loading the fused CPU kernel (``csrc/fused_adopt.cpp``).
+"""Building, caching and loading the fused CPU kernels (``csrc/fused_adopt.cpp``, and
+``csrc/fused_adopt_8bit.cpp`` for 8-bit state).
 
-The kernel is built with ``torch.utils.cpp_extension`` on first use and cached, one shared
-library for all tensors and dtypes. Building takes 6-40 s, so it never blocks a step:
+The kernels are built with ``torch.utils.cpp_extension`` on first use and cached, one shared
+library (both sources, two ops in the ``adoptim`` namespace) for all tensors and dtypes.
+Building takes 6-40 s, so it never blocks a step:
 
 * the first time a fused step is wanted, a detached ``python -m adoptim._kernel_build``
   process builds the library and moves it atomically into the cache
   (``$TORCH_EXTENSIONS_DIR/adoptim_fused/<key>/``, default ``~/.cache/torch_extensions``); the
-  key hashes the source, the compiler flags and the torch/Python versions;
+  key hashes the sources, the compiler flags and the torch/Python versions;
 * until the library is there, :func:`load_kernel` returns None and fused steps run the
   for-loop path (the same maths; the two agree within float32 rounding), then switch;
 * a later process finds the library in the cache and loads it in milliseconds.
@@ -41,7 +43,8 @@ __all__ = [
     "load_kernel",
 ]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_adopt.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = (_CSRC / "fused_adopt.cpp", _CSRC / "fused_adopt_8bit.cpp")
 _LIB_NAME = "adoptim_fused.so"
 # A failed build is not retried for this long (fix the compiler, or call clear_failure()).
 _FAILURE_TTL_S = 3600.0
@@ -82,7 +85,8 @@ def _cache_root() -> Path:
 
 def _cache_key() -> str:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
     for part in (
         " ".join(_build_flags()),
         torch.__version__,
@@ -229,7 +233,7 @@ def _build_main(directory: Path) -> int:
             t0 = time.perf_counter()
             cpp_extension.load(
                 name="adoptim_fused",
-                sources=[str(_SOURCE)],
+                sources=[str(source) for source in _SOURCES],
                 extra_cflags=cflags,
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in cflags else [],
                 build_directory=tmp,

@@ -1,0 +1,200 @@
+"""The 8-bit moment format (``state_dtype="8bit"``): block-wise quantization of m and v.
+
+Each parameter's moments are flattened (real views for complex parameters) and cut into blocks
+of :data:`BLOCK` = 256 consecutive elements (the last block may be shorter); every block keeps
+one float32 scale per moment, as in block-wise quantization (Dettmers et al. 2021, "8-bit
+Optimizers via Block-wise Quantization", ICLR 2022). State per element: 2 bytes, plus
+2 x 4 / 256 bytes of scales (2.03 bytes per element, float32: 8).
+
+* ``m`` (``exp_avg``, int8 codes ``q`` in [-127, 127], scale ``A`` = the block's largest
+  ``|m|``): ``m = q * (A / 127)``. ADOPT's ``m`` is an average of *normalised*, clipped
+  gradients, so its entries have similar magnitudes and a linear code loses little.
+* ``v`` (``exp_avg_sq``, uint8 codes ``q`` in [0, 255], scale ``S`` = the block's largest
+  ``sqrt(v)``): ``sqrt(v) = S * (q / 255)**2``, i.e. ``v**(1/4)`` coded linearly. ``sqrt(v)``
+  is what the update divides by; companding it once more spreads the 256 codes over a
+  dynamic range of ``255**4`` (4e9) in ``v`` instead of ``255`` (linear ``v``) or ``255**2``
+  (linear ``sqrt(v)``), which is what keeps coordinates far below their block's largest
+  ``v`` accurate. A nonzero ``v`` is never stored as code 0 (``g / sqrt(v)`` would become
+  ``g / eps``: the zero-point problem of the second moment, Li et al. 2023, "Memory
+  Efficient Optimizers with 4-bit States", NeurIPS 2023); only ``v == 0`` is.
+
+Rounding is stochastic and unbiased in the stored quantity (``m``, and ``v`` itself rather than
+its code): at beta2 = 0.9999 a step changes ``v`` by ~0.01 %, far below one code, so rounding to
+nearest freezes ``v``, and rounding ``sqrt(v)``'s code unbiasedly still biases ``v`` by the
+rounding variance on every step (measured: ``scripts/lowbit_format.py``, docs/lowbit.md).
+
+The random numbers are reproducible and the same on every path: each tensor's seed for a step
+is a hash of its call count and size (:func:`state_seed`), so it changes on every step,
+needs no generator (the user's random stream is untouched, and DDP ranks,
+ZeroRedundancyOptimizer shards and a resumed run all draw the same numbers as one
+uninterrupted process), and the kernel computes it itself. (Tensors of one size share the
+pattern on a step; each rounding is unbiased all the same. Salting the seed with the state's
+values was tried and dropped: a last-bit difference between two paths' float32 arithmetic,
+e.g. torch's ``sqrt`` is not correctly rounded, then changed every rounding after it.) Each
+block takes one offset ``u0`` from a hash of (seed, block, stream), and element ``j`` of the
+block uses ``u = frac(u0 + frac(j * phi))`` (a Weyl sequence, phi the golden ratio's
+fractional part): uniform for every element over seeds, so each rounding is unbiased, with
+one hash per block instead of one per element. The fused kernel
+(``csrc/fused_adopt_8bit.cpp``) performs exactly these float32 operations.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BLOCK",
+    "DEFAULT_MIN_8BIT_SIZE",
+    "M_LEVELS",
+    "V_LEVELS",
+    "block_offsets",
+    "dequantize_m",
+    "dequantize_v",
+    "dither",
+    "num_blocks",
+    "quantize_m",
+    "quantize_v",
+    "state_seed",
+]
+
+BLOCK = 256
+M_LEVELS = 127  # int8 codes for m: [-127, 127]
+V_LEVELS = 255  # uint8 codes for sqrt(v): [0, 255]
+#: Tensors with fewer elements keep float32 state (as bitsandbytes and torchao do).
+DEFAULT_MIN_8BIT_SIZE = 4096
+STREAM_M, STREAM_V, STREAM_PARAM = 0, 1, 2
+
+_PHI = (math.sqrt(5.0) - 1.0) / 2.0
+#: frac(j * phi) for j in a block, computed in float64 and rounded once (the kernel does the same)
+WEYL = torch.tensor([(j * _PHI) % 1.0 for j in range(BLOCK)], dtype=torch.float64).float()
+_MASK32 = 0xFFFFFFFF
+
+
+def num_blocks(numel: int) -> int:
+    return (numel + BLOCK - 1) // BLOCK
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """lowbias32 (Wellons) on uint32 values held in int64: the kernel's ``hash32``."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _hash32_int(x: int) -> int:
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def state_seed(step: float, numel: int) -> int:
+    """The rounding seed of a tensor for one step: a hash of its call count before the step
+    (as float32 bits) and its number of (real) elements; the kernel's ``state_seed``."""
+    x = _hash32_int(_f32_bits(step) ^ 0x9E3779B9)
+    return _hash32_int(x ^ (numel & _MASK32))
+
+
+def block_offsets(seed: int, stream: int, blocks: int) -> Tensor:
+    """One uniform offset in [0, 1) per block (float32, 24 random bits); ``seed`` < 2**32."""
+    b = torch.arange(blocks, dtype=torch.int64)
+    x = _hash32((int(seed) + (3 * b + stream) * 0x9E3779B9) & _MASK32)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def dither(seed: int, stream: int, numel: int) -> Tensor:
+    """The uniform numbers ``u`` in [0, 1) used to round ``numel`` elements (float32)."""
+    blocks = num_blocks(numel)
+    u = block_offsets(seed, stream, blocks)[:, None] + WEYL[None, :]
+    u = torch.where(u >= 1.0, u - 1.0, u)  # frac: both terms are in [0, 1)
+    return u.reshape(-1)[:numel]
+
+
+def _sqrt32(x: Tensor) -> Tensor:
+    """Correctly rounded float32 sqrt, as the kernel's (torch's float32 sqrt on CPU can be an
+    ulp off); through float64, whose rounding back to float32 is exact."""
+    return torch.sqrt(x.double()).float()
+
+
+def _levels_over(levels: float, x: Tensor) -> Tensor:
+    """``levels / x`` correctly rounded in float32, and 0 where x == 0 (torch computes a
+    scalar divided by a tensor through a reciprocal, an ulp off the kernel's division)."""
+    return torch.where(x > 0, levels / x.double(), 0.0).float()
+
+
+def _per_element(per_block: Tensor, numel: int) -> Tensor:
+    return per_block.repeat_interleave(BLOCK)[:numel]
+
+
+def _block_reduce_max(x: Tensor) -> Tensor:
+    """The largest entry of each block of the flat, non-negative ``x`` (NaN propagates)."""
+    pad = (-x.numel()) % BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(-1, BLOCK).amax(dim=1)
+
+
+def dequantize_m(codes: Tensor, scale: Tensor) -> Tensor:
+    """float32 m from int8 codes and per-block largest |m|: ``q * (A / 127)``."""
+    step = scale / M_LEVELS
+    return codes.to(torch.float32) * _per_element(step, codes.numel())
+
+
+def dequantize_sqrt_v(codes: Tensor, scale: Tensor) -> Tensor:
+    """float32 sqrt(v) from uint8 codes and per-block largest sqrt(v): ``(q*q) * (S / 255**2)``."""
+    step = scale / (V_LEVELS * V_LEVELS)
+    q = codes.to(torch.float32)
+    return (q * q) * _per_element(step, codes.numel())
+
+
+def dequantize_v(codes: Tensor, scale: Tensor) -> Tensor:
+    """float32 v: the square of :func:`dequantize_sqrt_v` (whose float32 sqrt gives it back)."""
+    s = dequantize_sqrt_v(codes, scale)
+    return s * s
+
+
+def quantize_m(m: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
+    """Store the flat float32 ``m`` into ``codes`` (int8) and ``scale`` (float32, per block),
+    rounding stochastically: E[dequantized] = m."""
+    n = m.numel()
+    amax = _block_reduce_max(m.abs())
+    scale.copy_(amax)
+    inv = _levels_over(M_LEVELS, amax)
+    y = m * _per_element(inv, n)
+    q = torch.floor(y + dither(seed, STREAM_M, n)).clamp_(-M_LEVELS, M_LEVELS)
+    codes.copy_(q)
+
+
+def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
+    """Store the flat, non-negative float32 ``v`` into ``codes`` (uint8) and ``scale``
+    (per-block largest sqrt(v)), rounding stochastically so that E[dequantized v] = v
+    (unbiased in v, not in its code), and never to code 0 unless v == 0."""
+    n = v.numel()
+    s = _sqrt32(v)
+    smax = _sqrt32(_block_reduce_max(v))  # == the largest sqrt(v): sqrt is monotonic
+    scale.copy_(smax)
+    step = smax / (V_LEVELS * V_LEVELS)
+    inv = _levels_over(V_LEVELS * V_LEVELS, smax)
+    step_e, inv_e = _per_element(step, n), _per_element(inv, n)
+    lo = torch.floor(_sqrt32(s * inv_e)).clamp_(0, V_LEVELS - 1)  # 255 * sqrt(s / S)
+    hi = lo + 1
+    s_lo, s_hi = (lo * lo) * step_e, (hi * hi) * step_e
+    v_lo, v_hi = s_lo * s_lo, s_hi * s_hi
+    # up with probability (v - v_lo) / (v_hi - v_lo): unbiased in v
+    up = dither(seed, STREAM_V, n) * (v_hi - v_lo) < v - v_lo
+    q = lo + up.to(torch.float32)
+    q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
+    codes.copy_(q)
