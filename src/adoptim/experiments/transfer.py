@@ -729,6 +729,7 @@ def _task_report(task: Task, sweep: list[Config], out: Path, eight_bit: tuple[bo
     ana = analyse(task, results, lrs)
     for o in (task.adam, task.adopt):
         ana[o]["lrs_sorted"] = lrs
+        ana[o]["higher"] = task.higher_is_better
     s1 = [c for c in configs if is_stage1(c)]
     n_seeds = len({c.seed for c in s1})
     stage2_known = any(not is_stage1(c) for c in configs)
@@ -836,10 +837,38 @@ def _summary_rows(task: Task, ana: dict) -> list[list[str]]:
         if math.isfinite(ana.get("dropin_delta", math.nan)):
             dropin += f" ({ana['dropin_delta']:+.{task.digits}f} vs {_label(task, task.adam)})"
     ratio = f"{ana['ratio']:.2g}" if "ratio" in ana else "n/a"
+    results = ana.get("results", [])
+    early, warm = [], []
+    for o, info in ((task.adam, a), (task.adopt, d)):
+        lr = _warmup_lr(results, info, o)
+        if lr is None:
+            early.append("n/a")
+            warm.append("n/a")
+            continue
+        early.append(f"{_early(_cell(results, o, lr))} → {_early(_cell(results, o, lr, warmup=True))}"
+                     f" (lr {_lr(lr)})")
+        warm.append(f"{_fmt(_stats(_cell(results, o, lr, warmup=True)), task.digits)} "
+                    f"(lr {_lr(lr)})")
     return [["best lr", alr, dlr], [f"{task.metric} at its best lr", am, dm],
             [f"at {_label(task, task.adam)}'s best lr", am, dropin],
             [f"best lr / {_label(task, task.adam)}'s best lr", "1", ratio],
-            ["lr range within 1 % (or 1 std) of its best", _range_txt(a), _range_txt(d)]]
+            ["lr range within 1 % (or 1 std) of its best", _range_txt(a), _range_txt(d)],
+            ["largest loss in the first 5 % of steps: no warmup → warmup", *early],
+            [f"{task.metric} with warmup", *warm]]
+
+
+def _warmup_lr(results: list[dict], info: dict, optimizer: str) -> float | None:
+    """The lr to compare warmup at: the optimizer's best lr if it has warmup runs there,
+    else its warmup lr with the better no-warmup mean."""
+    wl = sorted({r["config"]["lr"] for r in _cell(results, optimizer, warmup=True)})
+    if not wl:
+        return None
+    if info.get("best_lr") in wl:
+        return info["best_lr"]
+    means = dict(zip(info.get("lrs_sorted", []), info.get("means", [])))
+    higher = info.get("higher", True)
+    return max(wl, key=lambda lr: (math.isfinite(means.get(lr, math.nan)),
+                                   (1 if higher else -1) * means.get(lr, 0.0)))
 
 
 def report(sweep: list[Config], out: Path) -> Path:
@@ -873,7 +902,7 @@ def report(sweep: list[Config], out: Path) -> Path:
         if ana["missing"]:
             rows.append([f"[{t}]({t}/report.md)", task.metric, "not run: data missing", *[""] * 6])
             continue
-        s = dict(zip(("best", "metric", "dropin", "ratio", "range"),
+        s = dict(zip(("best", "metric", "dropin", "ratio", "range", "early", "warm"),
                      [(r[1], r[2]) for r in _summary_rows(task, ana)]))
         rows.append([f"[{t}]({t}/report.md)", task.metric,
                      f"{s['best'][0]} / {s['best'][1]}", s["metric"][0], s["metric"][1],
@@ -888,8 +917,7 @@ def report(sweep: list[Config], out: Path) -> Path:
         task, results = TASKS[t], ana["results"]
         for o in (task.adam, task.adopt):
             info = ana[o]
-            wl = sorted({r["config"]["lr"] for r in _cell(results, o, warmup=True)})
-            lr = info.get("best_lr") if info.get("best_lr") in wl else (wl[0] if wl else None)
+            lr = _warmup_lr(results, info, o)
             if lr is None:
                 continue
             erows.append([t, _label(task, o), _lr(lr), _early(_cell(results, o, lr)),
