@@ -32,9 +32,9 @@ def multi_tensor_adopt(
     weight_decay: float,
     decouple: bool,
     maximize: bool,
+    nesterov: bool = False,
+    caution: bool = False,
 ) -> None:
-    if isinstance(lr, Tensor) and not scalars_as_tensors:
-        lr = lr.item()
     buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     for b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_steps in buckets.values():
         # Each tensor gets its own scalars from its own step count: tensors that started
@@ -67,11 +67,20 @@ def multi_tensor_adopt(
         torch._foreach_clamp_min_(normed, [-b for b in bounds])  # n = clip(n, c_t)
         torch._foreach_clamp_max_(normed, bounds)
         torch._foreach_lerp_(b_exp_avgs, normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
+        updates = b_exp_avgs  # u = m
+        if nesterov:  # u = beta1*m + (1-beta1)*n
+            updates = torch._foreach_lerp(b_exp_avgs, normed, 1 - beta1)
         del normed
-        if isinstance(lr, Tensor):  # theta = theta - lr*m
-            torch._foreach_sub_(b_params, torch._foreach_mul(b_exp_avgs, lr))
+        if caution:  # u = u * mask / mean(mask), mask = [u*g > 0]; a per-tensor mean
+            masks = [(u * g > 0).to(u.dtype) for u, g in zip(updates, b_grads)]
+            updates = [
+                (u * mask).div_(mask.mean().clamp_(min=1e-3)) for u, mask in zip(updates, masks)
+            ]
+            del masks
+        if isinstance(lr, Tensor):  # theta = theta - lr*u
+            torch._foreach_sub_(b_params, torch._foreach_mul(updates, lr))
         else:
-            torch._foreach_add_(b_params, b_exp_avgs, alpha=-lr)
+            torch._foreach_add_(b_params, updates, alpha=-lr)
         # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
         torch._foreach_mul_(b_exp_avg_sqs, beta2)
         if scalars_as_tensors:  # addcmul's per-tensor scalars must be numbers

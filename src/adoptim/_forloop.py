@@ -36,9 +36,9 @@ def single_tensor_adopt(
     weight_decay: float,
     decouple: bool,
     maximize: bool,
+    nesterov: bool = False,
+    caution: bool = False,
 ) -> None:
-    if isinstance(lr, Tensor) and not scalars_as_tensors:
-        lr = lr.item()
     scalar_kw = dict(
         as_tensors=scalars_as_tensors,
         lr=lr,
@@ -80,10 +80,17 @@ def single_tensor_adopt(
         normed = grad / denom  # n = g / max(sqrt(v), eps)
         normed.clamp_(-bound, bound)  # n = clip(n, c_t)
         exp_avg.lerp_(normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
+        update = exp_avg  # u = m
+        if nesterov:  # u = beta1*m + (1-beta1)*n: one momentum step ahead
+            update = exp_avg.lerp(normed, 1 - beta1)
+        if caution:  # u = u * mask / mean(mask), mask = [u*g > 0]
+            mask = (update * grad > 0).to(update.dtype)
+            update = (update * mask).div_(mask.mean().clamp_(min=1e-3))
         if isinstance(lr, Tensor):
-            param.addcmul_(exp_avg.clone() if tracking else exp_avg, lr, value=-1)
-        else:  # theta = theta - lr*m
-            param.add_(exp_avg, alpha=-lr)
+            update = update.clone() if tracking and update is exp_avg else update
+            param.addcmul_(update, lr, value=-1)
+        else:  # theta = theta - lr*u
+            param.add_(update, alpha=-lr)
         # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
         if isinstance(sq_weight, Tensor):  # addcmul's value must be a number
             exp_avg_sq.mul_(beta2).addcmul_(grad * sq_weight, grad)

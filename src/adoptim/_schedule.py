@@ -102,7 +102,7 @@ def call_scalars(
     else:
         bound = torch.where(first, 0.0, math.inf)
     sq_weight = 1 - started * beta2
-    decay = 1 - started * (lr * weight_decay)
+    decay = 1 - (started * lr) * weight_decay  # dynamo specialises lr * 0.0 (a recompile per lr)
     if as_tensors:
         return list(bound.unbind()), list(sq_weight.unbind()), list(decay.unbind())
     return bound.tolist(), sq_weight.tolist(), decay.tolist()

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["group_by_device_and_dtype", "is_compiling", "view_as_real_if_complex"]
+__all__ = [
+    "as_scalar",
+    "group_by_device_and_dtype",
+    "is_compiling",
+    "view_as_real_if_complex",
+]
 
 
 def is_compiling() -> bool:
@@ -34,3 +39,12 @@ def view_as_real_if_complex(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Complex tensors as real views (..., 2), so real and imaginary parts are separate
     coordinates, each with its own second moment, as torch.optim.Adam treats them."""
     return tuple(torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors)
+
+
+def as_scalar(value: float | Tensor, *, on_host: bool) -> float | Tensor:
+    """A hyperparameter as the paths use it: a one-element tensor of any shape (``[1]``,
+    ``[1, 1]``) becomes 0-dim, as torch.optim does, or a Python float when ``on_host``
+    (one read, where the step may sync anyway); numbers pass through."""
+    if not isinstance(value, Tensor):
+        return value
+    return value.item() if on_host else value.reshape(())

@@ -2,10 +2,11 @@
 //
 // One op, adoptim::fused_adopt_, updates a list of parameters and their two moment buffers in
 // one read and one write of each element: 4 loads (theta, g, m, v) and 3 stores (theta, m, v),
-// the 28 bytes/param that the benchmark counts. The per-tensor scalars (clip bound, weight of
-// g*g in v, decoupled-decay factor) come from Python, computed by the same code as the other
-// paths (adoptim._schedule.call_scalars), so the schedule lives in one place. The update follows the
-// for-loop path's operations in its order, so that the two agree to float32 rounding.
+// the 28 bytes/param that the benchmark counts (caution=True adds a counting pass that reads
+// them once more). The per-tensor scalars (clip bound, weight of g*g in v, decoupled-decay
+// factor) come from Python, computed by the same code as the other paths
+// (adoptim._schedule.call_scalars), so the schedule lives in one place. The update follows
+// the for-loop path's operations in its order, so that the two agree to float32 rounding.
 //
 // Work is split over the *concatenation* of all tensors, not tensor by tensor: one
 // at::parallel_for over the total element count, each thread walking the tensors its range
@@ -24,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <initializer_list>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,6 +40,7 @@ struct Hyper {
   bool coupled;
   bool stochastic;
   uint64_t seed;
+  bool nesterov, caution;
 };
 
 // Counter-based random bits: the same seed and element index give the same bits however
@@ -69,112 +73,217 @@ inline c10::BFloat16 round_param<c10::BFloat16, float>(float x, const Hyper& h, 
   return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// The ADOPT update on n contiguous elements; P: parameter/gradient type, S: state type,
-// C: compute type (float, or double for double parameters). `first_index` numbers elements
-// across the whole call (for stochastic rounding).
+// One element of the ADOPT update, shared by the update pass and caution's counting pass so
+// that both see the same u. P: parameter/gradient type, S: state type, C: compute type (float,
+// or double for double parameters).
 //
-// The loop body has no branches, so that the compiler vectorises it: the choices that are
-// the same for every element (coupled decay on or off; which of lerp's two formulas applies
-// to the weight 1 - beta1) are template parameters, and max/min/clamp are selects. Clamps are
-// written as `x < lo ? lo : x` so that a NaN passes through, as torch.clamp lets it.
-template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight>
+// It has no branches, so that the loops around it vectorise: the choices that are the same
+// for every element (coupled decay on or off; which of lerp's two formulas applies to the
+// weight 1 - beta1; nesterov; caution) are template parameters (GCC does not if-convert a
+// select on a runtime flag here), and max/min/clamp are selects written as `x < lo ? lo : x` so that a NaN passes through, as
+// torch.clamp lets it.
+template <typename C>
+struct Scalars {
+  C lr, w1, one_minus_w1, beta2, eps, wd, gmul, bound, neg_bound, sq_weight, decay;
+};
+
+template <typename C>
+struct Element {
+  C grad, theta, m, v, u;  // theta after decoupled decay, before the step; u the update
+};
+
+template <typename C, bool kSmallWeight>
+inline C lerp(C a, C b, const Scalars<C>& s) {  // torch.lerp(a, b, w1)'s formula on CPU
+  return kSmallWeight ? a + s.w1 * (b - a) : b - (b - a) * s.one_minus_w1;
+}
+
+template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov>
+inline Element<C> adopt_element(P p, P g, S m, S v, const Scalars<C>& s) {
+  Element<C> e;
+  e.grad = static_cast<C>(g) * s.gmul;  // unscale (GradScaler) and sign (maximize)
+  e.theta = static_cast<C>(p);
+  if constexpr (kCoupled) {
+    e.grad = e.grad + s.wd * e.theta;  // coupled (L2) decay, enters v as well
+  }
+  e.theta = e.theta * s.decay;  // decoupled decay; exactly 1 when off or on the first call
+  const C vi = static_cast<C>(v);
+  C denom = std::sqrt(vi);
+  denom = denom < s.eps ? s.eps : denom;  // max(sqrt(v), eps), NaN propagates
+  C normed = e.grad / denom;
+  normed = normed < s.neg_bound ? s.neg_bound : normed;  // clip to [-c_t, c_t]; 0 on call 1
+  normed = normed > s.bound ? s.bound : normed;
+  // m = beta1*m + (1-beta1)*n with torch.lerp's formula, as the other paths use lerp_
+  e.m = lerp<C, kSmallWeight>(static_cast<C>(m), normed, s);
+  // u = m, or with nesterov u = beta1*m + (1-beta1)*n (the other paths' m.lerp(n, 1-beta1))
+  if constexpr (kNesterov) {
+    e.u = lerp<C, kSmallWeight>(e.m, normed, s);
+  } else {
+    e.u = e.m;
+  }
+  // v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0); the order of
+  // the other paths' mul_(beta2).addcmul_(g, g, value=w)
+  e.v = vi * s.beta2 + s.sq_weight * e.grad * e.grad;
+  return e;
+}
+
+// The update pass on n contiguous elements. `first_index` numbers elements across the whole
+// call (for stochastic rounding). With caution (`cautious`), u is masked where its sign
+// disagrees with g and divided by the tensor's kept fraction `kept` (clamped at 1e-3),
+// as the other paths' (u * mask).div_(mask.mean().clamp_(min=1e-3)).
+template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov,
+          bool kCaution>
 void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
-                  int64_t n, const Hyper& h, C bound, C sq_weight, C decay,
-                  uint64_t first_index) {
-  const C lr = static_cast<C>(h.lr), w1 = static_cast<C>(h.beta1_weight);
-  const C one_minus_w1 = C(1) - w1;
-  const C beta2 = static_cast<C>(h.beta2);
-  const C eps = static_cast<C>(h.eps), wd = static_cast<C>(h.coupled_wd);
-  const C gmul = static_cast<C>(h.grad_mul);
-  const C neg_bound = -bound;
+                  int64_t n, const Hyper& h, const Scalars<C>& s, C kept, uint64_t first_index) {
   for (int64_t i = 0; i < n; ++i) {
-    C grad = static_cast<C>(g[i]) * gmul;  // unscale (GradScaler) and sign (maximize)
-    C theta = static_cast<C>(p[i]);
-    if constexpr (kCoupled) {
-      grad = grad + wd * theta;  // coupled (L2) decay, enters v as well
+    const Element<C> e =
+        adopt_element<P, S, C, kCoupled, kSmallWeight, kNesterov>(p[i], g[i], m[i], v[i], s);
+    C u = e.u;
+    if constexpr (kCaution) {
+      const C mask = e.u * e.grad > C(0) ? C(1) : C(0);
+      u = (e.u * mask) / kept;
     }
-    theta = theta * decay;  // decoupled decay; exactly 1 when off or on the first call
-    C vi = static_cast<C>(v[i]);
-    C denom = std::sqrt(vi);
-    denom = denom < eps ? eps : denom;  // max(sqrt(v), eps), NaN propagates
-    C normed = grad / denom;
-    normed = normed < neg_bound ? neg_bound : normed;  // clip to [-c_t, c_t]; c_t = 0 on call 1
-    normed = normed > bound ? bound : normed;
-    // m = beta1*m + (1-beta1)*n with torch.lerp's formula (CPU), as the other paths use lerp_
-    C mi = static_cast<C>(m[i]);
-    if constexpr (kSmallWeight) {
-      mi = mi + w1 * (normed - mi);
-    } else {
-      mi = normed - (normed - mi) * one_minus_w1;
-    }
-    theta = theta - lr * mi;
-    // v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0); the order of
-    // the other paths' mul_(beta2).addcmul_(g, g, value=w)
-    vi = vi * beta2 + sq_weight * grad * grad;
-    m[i] = static_cast<S>(mi);
-    v[i] = static_cast<S>(vi);
-    p[i] = round_param<P, C>(theta, h, first_index + static_cast<uint64_t>(i));
+    m[i] = static_cast<S>(e.m);
+    v[i] = static_cast<S>(e.v);
+    p[i] = round_param<P, C>(e.theta - s.lr * u, h, first_index + static_cast<uint64_t>(i));
   }
 }
 
-// update_range with its loop-invariant template choices made once per call.
+// Caution's counting pass: how many of the n elements have u * g > 0 (nothing is written).
+template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov>
+int64_t count_range(const P* __restrict p, const P* __restrict g, const S* __restrict m,
+                    const S* __restrict v, int64_t n, const Scalars<C>& s) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Element<C> e =
+        adopt_element<P, S, C, kCoupled, kSmallWeight, kNesterov>(p[i], g[i], m[i], v[i], s);
+    kept += e.u * e.grad > C(0) ? 1 : 0;
+  }
+  return kept;
+}
+
+template <typename C>
+Scalars<C> make_scalars(const Hyper& h, double bound, double sq_weight, double decay) {
+  Scalars<C> s;
+  s.lr = static_cast<C>(h.lr);
+  s.w1 = static_cast<C>(h.beta1_weight);
+  s.one_minus_w1 = C(1) - s.w1;
+  s.beta2 = static_cast<C>(h.beta2);
+  s.eps = static_cast<C>(h.eps);
+  s.wd = static_cast<C>(h.coupled_wd);
+  s.gmul = static_cast<C>(h.grad_mul);
+  s.bound = static_cast<C>(bound);
+  s.neg_bound = -s.bound;
+  s.sq_weight = static_cast<C>(sq_weight);
+  s.decay = static_cast<C>(decay);
+  return s;
+}
+
+// The tensors of one call, as flat element ranges of their concatenation.
 template <typename P, typename S, typename C>
-void update_range_dispatch(P* p, const P* g, S* m, S* v, int64_t n, const Hyper& h, C bound,
-                           C sq_weight, C decay, uint64_t first_index) {
-  const bool small_weight = static_cast<C>(h.beta1_weight) < C(0.5);
-  if (h.coupled) {
-    if (small_weight) {
-      update_range<P, S, C, true, true>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
-    } else {
-      update_range<P, S, C, true, false>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+struct Batch {
+  int64_t count = 0;
+  std::vector<int64_t> offsets;  // element offsets of each tensor in the concatenation
+  std::vector<P*> p;
+  std::vector<const P*> g;
+  std::vector<S*> m, v;
+  std::vector<Scalars<C>> sc;
+
+  // Calls body(k, lo, hi, pos) for each piece [lo, hi) of tensor k, in parallel: the work is
+  // split over the concatenation, so thousands of small tensors cost one parallel region.
+  // pos is the piece's first index in the concatenation.
+  template <typename Body>
+  void for_pieces(const Body& body) const {
+    // About 128K elements (~3.5 MB of traffic) per task: enough to amortise the scheduling,
+    // small enough that two threads share medium tensors.
+    constexpr int64_t grain = 1 << 17;
+    at::parallel_for(0, offsets[count], grain, [&](int64_t begin, int64_t end) {
+      int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+      for (int64_t pos = begin; pos < end; ++k) {
+        const int64_t lo = pos - offsets[k];
+        const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
+        if (hi > lo) {
+          body(k, lo, hi, pos);
+        }
+        pos = offsets[k] + hi;
+      }
+    });
+  }
+};
+
+template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov,
+          bool kCaution>
+void run_passes(const Batch<P, S, C>& b, const Hyper& h) {
+  // Caution needs each tensor's fraction of kept coordinates before any is updated: a first
+  // pass counts them (reading g, m, v and theta once more; caution is opt-in).
+  std::vector<C> kept(b.count, C(1));
+  if constexpr (kCaution) {
+    std::vector<std::atomic<int64_t>> counts(b.count);
+    for (auto& n : counts) {
+      n.store(0, std::memory_order_relaxed);
     }
-  } else if (small_weight) {
-    update_range<P, S, C, false, true>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+    b.for_pieces([&](int64_t k, int64_t lo, int64_t hi, int64_t) {
+      counts[k].fetch_add(count_range<P, S, C, kCoupled, kSmallWeight, kNesterov>(
+                              b.p[k] + lo, b.g[k] + lo, b.m[k] + lo, b.v[k] + lo, hi - lo, b.sc[k]),
+                          std::memory_order_relaxed);
+    });
+    for (int64_t k = 0; k < b.count; ++k) {  // mask.mean().clamp_(min=1e-3), in C like torch
+      const int64_t numel = b.offsets[k + 1] - b.offsets[k];
+      const C mean = static_cast<C>(counts[k].load()) / static_cast<C>(numel);
+      kept[k] = mean < C(1e-3) ? C(1e-3) : mean;
+    }
+  }
+  b.for_pieces([&](int64_t k, int64_t lo, int64_t hi, int64_t pos) {
+    update_range<P, S, C, kCoupled, kSmallWeight, kNesterov, kCaution>(
+        b.p[k] + lo, b.g[k] + lo, b.m[k] + lo, b.v[k] + lo, hi - lo, h, b.sc[k], kept[k],
+        static_cast<uint64_t>(pos));
+  });
+}
+
+// run_passes with the run-time flags turned into template choices, one at a time.
+template <typename P, typename S, typename C, bool... kFlags>
+void dispatch(const Batch<P, S, C>& b, const Hyper& h, std::initializer_list<bool> flags) {
+  if constexpr (sizeof...(kFlags) == 4) {
+    run_passes<P, S, C, kFlags...>(b, h);
   } else {
-    update_range<P, S, C, false, false>(p, g, m, v, n, h, bound, sq_weight, decay, first_index);
+    const bool next = *(flags.begin() + sizeof...(kFlags));
+    if (next) {
+      dispatch<P, S, C, kFlags..., true>(b, h, flags);
+    } else {
+      dispatch<P, S, C, kFlags..., false>(b, h, flags);
+    }
   }
 }
 
 template <typename P, typename S, typename C>
 void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
          at::TensorList exp_avg_sqs, const double* scalars, const Hyper& h) {
-  const int64_t count = static_cast<int64_t>(params.size());
-  std::vector<int64_t> offsets(count + 1, 0);  // element offsets of each tensor in the concatenation
-  std::vector<P*> p_ptr(count);
-  std::vector<const P*> g_ptr(count);
-  std::vector<S*> m_ptr(count), v_ptr(count);
-  for (int64_t k = 0; k < count; ++k) {
-    offsets[k + 1] = offsets[k] + params[k].numel();
-    p_ptr[k] = params[k].data_ptr<P>();
-    g_ptr[k] = grads[k].data_ptr<P>();
-    m_ptr[k] = exp_avgs[k].data_ptr<S>();
-    v_ptr[k] = exp_avg_sqs[k].data_ptr<S>();
+  Batch<P, S, C> b;
+  b.count = static_cast<int64_t>(params.size());
+  b.offsets.assign(b.count + 1, 0);
+  b.p.resize(b.count);
+  b.g.resize(b.count);
+  b.m.resize(b.count);
+  b.v.resize(b.count);
+  b.sc.resize(b.count);
+  for (int64_t k = 0; k < b.count; ++k) {
+    b.offsets[k + 1] = b.offsets[k] + params[k].numel();
+    b.p[k] = params[k].data_ptr<P>();
+    b.g[k] = grads[k].data_ptr<P>();
+    b.m[k] = exp_avgs[k].data_ptr<S>();
+    b.v[k] = exp_avg_sqs[k].data_ptr<S>();
+    b.sc[k] = make_scalars<C>(h, scalars[k], scalars[b.count + k], scalars[2 * b.count + k]);
   }
-  const int64_t total = offsets[count];
-  // About 128K elements (~3.5 MB of traffic) per task: enough to amortise the scheduling,
-  // small enough that two threads share medium tensors.
-  constexpr int64_t grain = 1 << 17;
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++k) {
-      const int64_t lo = pos - offsets[k];
-      const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
-      if (hi > lo) {
-        update_range_dispatch<P, S, C>(
-            p_ptr[k] + lo, g_ptr[k] + lo, m_ptr[k] + lo, v_ptr[k] + lo, hi - lo, h,
-            static_cast<C>(scalars[k]), static_cast<C>(scalars[count + k]),
-            static_cast<C>(scalars[2 * count + k]), static_cast<uint64_t>(pos));
-      }
-      pos = offsets[k] + hi;
-    }
-  });
+  // The loop-invariant template choices, made once per call.
+  const bool small_weight = static_cast<C>(h.beta1_weight) < C(0.5);
+  dispatch<P, S, C>(b, h, {h.coupled, small_weight, h.nesterov, h.caution});
 }
 
 void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& scalars,
                   double lr, double beta1,
                   double beta2, double eps, double weight_decay, bool coupled, bool maximize,
-                  double grad_scale, bool stochastic, int64_t seed) {
+                  double grad_scale, bool stochastic, int64_t seed, bool nesterov,
+                  bool caution) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
                   exp_avg_sqs.size() == count && steps.size() == count,
@@ -218,6 +327,8 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
   h.grad_mul = (maximize ? -1.0 : 1.0) / grad_scale;
   h.stochastic = stochastic;
   h.seed = static_cast<uint64_t>(seed);
+  h.nesterov = nesterov;
+  h.caution = caution;
   const double* sc = scalars.data_ptr<double>();
 
   using BF = c10::BFloat16;
@@ -253,7 +364,7 @@ TORCH_LIBRARY(adoptim, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor scalars, float lr, float beta1, "
       "float beta2, float eps, "
       "float weight_decay, bool coupled, bool maximize, float grad_scale, "
-      "bool stochastic, int seed) -> ()");
+      "bool stochastic, int seed, bool nesterov, bool caution) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adoptim, CPU, m) { m.impl("fused_adopt_", &fused_adopt_); }
