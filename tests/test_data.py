@@ -131,3 +131,22 @@ def test_real_fashion_mnist():
     ds = data.load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
     assert ds.y_test.bincount().tolist() == [1000] * 10
+
+
+def test_stratified_subset_takes_every_class_in_proportion():
+    import torch
+
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, as MNIST-5k's file
+    sub = data.stratified_subset(labels, 500)
+    assert len(sub) == 500 and torch.equal(sub, sub.sort().values)
+    assert labels[sub].bincount().tolist() == [50] * 10  # the first 500 would be digits 0-4
+    assert torch.equal(sub, data.stratified_subset(labels, 500))  # the same every time
+    assert not torch.equal(sub, data.stratified_subset(labels, 500, seed=1))
+    uneven = torch.tensor([0] * 70 + [1] * 20 + [2] * 10)
+    assert uneven[data.stratified_subset(uneven, 10)].bincount().tolist() == [7, 2, 1]
+    assert uneven[data.stratified_subset(uneven, 5)].bincount().tolist() == [4, 1]  # 3.5, 1, .5
+    assert torch.equal(data.stratified_subset(labels, 0), torch.arange(1000))  # 0: all
+    assert torch.equal(data.stratified_subset(labels, 5000), torch.arange(1000))
+    assert data.describe_subset(500, 1000, "test images") == (
+        "500 of 1,000 test images (a fixed class-stratified subset)")
+    assert data.describe_subset(0, 1000, "test images") == "all 1,000 test images"

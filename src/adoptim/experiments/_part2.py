@@ -112,13 +112,19 @@ def main_single_run(cls: type, train: Callable, name: str, keys: Sequence[str],
 
 
 def curve_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], n: int = 200):
-    """Interpolate several (x, y) curves onto a common grid over their shared x range.
+    """Several (x, y) curves on a common grid: their own x when they all share it (runs
+    evaluated at the same steps: every point is a measurement), otherwise ``n`` points over
+    their shared x range, interpolated.
 
     Returns ``(grid, mean, lo, hi)`` (lo/hi are the min/max over curves), or None if no curve
     has two points."""
     curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x) >= 2]
     if not curves:
         return None
+    x0 = curves[0][0]
+    if all(len(x) == len(x0) and np.array_equal(x, x0) for x, _ in curves):
+        ys = np.stack([y for _, y in curves])
+        return x0, ys.mean(0), ys.min(0), ys.max(0)
     lo_x = max(x[0] for x, _ in curves)
     hi_x = min(x[-1] for x, _ in curves)
     if hi_x <= lo_x:

@@ -11,6 +11,10 @@
   gzipped or not, ``-idx3-ubyte`` or ``.idx3-ubyte`` spelling): ``load_dataset("idx", path=DIR)``.
 
 Images come back as float32 in [0, 1], flattened to (N, 784); labels as int64.
+
+Subsets: MNIST-5k's file is sorted by class, so "the first N examples" of a split are a few
+digits only. :func:`stratified_subset` picks N examples with every class in proportion, the
+same ones every time; :func:`describe_subset` says in words which were used (for reports).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ __all__ = [
     "load_idx_folder",
     "load_mnist5k",
     "read_idx",
+    "describe_subset",
+    "stratified_subset",
     "write_idx",
 ]
 
@@ -186,6 +192,39 @@ def load_mnist5k(path: str | Path | None = None, n_test: int = 1000) -> Dataset:
         test[idx[:: max(1, round(len(y) / n_test))]] = True
     return Dataset("mnist5k", torch.from_numpy(x[~test].copy()), torch.from_numpy(y[~test]),
                    torch.from_numpy(x[test].copy()), torch.from_numpy(y[test]))
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices (ascending) of ``n`` examples with each class in proportion to its share of
+    ``labels`` (largest remainders), drawn at random within each class by a generator seeded
+    with ``seed``: the same subset for the same (labels, n, seed). ``n <= 0`` or
+    ``n >= len(labels)``: every index."""
+    labels = torch.as_tensor(labels)
+    total = len(labels)
+    if n <= 0 or n >= total:
+        return torch.arange(total)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * n / total
+    take = quota.floor().long()
+    # hand the remaining places to the classes with the largest remainders (ties: lower class)
+    order = sorted(range(len(classes)), key=lambda i: (-(quota[i] - take[i]).item(), i))
+    for i in order[: n - int(take.sum())]:
+        take[i] += 1
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = torch.nonzero(labels == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def describe_subset(n: int, total: int, what: str = "images",
+                    how: str = "a fixed class-stratified subset") -> str:
+    """``"500 of 1,000 test images (a fixed class-stratified subset)"`` or
+    ``"all 1,000 test images"``, for a report."""
+    if n <= 0 or n >= total:
+        return f"all {total:,} {what}"
+    return f"{n:,} of {total:,} {what} ({how})"
 
 
 DATASETS = {"mnist5k": load_mnist5k, "fashion-mnist": load_fashion_mnist, "idx": load_idx_folder}

@@ -8,12 +8,15 @@ What it gives an experiment module (and nothing more):
   (:func:`batch_indices`: the permutation for (seed, epoch) is always the same).
 * **Metrics per run**: :class:`RunContext.log` appends a row to ``metrics.jsonl`` and
   ``metrics.csv`` in the run's folder; :meth:`RunContext.finish` writes ``result.json``.
-* **Resume**: :func:`run_sweep` skips a run whose ``result.json`` exists (the run finished) and
-  restarts from scratch a run that was cut off (its folder is cleared first).
-* **Progress**: one tqdm bar per sweep and one per run (:meth:`RunContext.bar`).
-* **Reports**: :func:`load_results`, :func:`summarize` (mean, spread), :func:`markdown_table`,
-  :func:`new_figure`/:func:`save_figure` (matplotlib, Agg backend) and :class:`Report`, which
-  collects markdown and PNGs into ``report.md``.
+* **Resume**: :func:`run_sweep` skips a run whose ``result.json`` exists (the run finished),
+  says how many it reused, and restarts from scratch a run that was cut off (its folder is
+  cleared first).
+* **Progress**: on a terminal, one tqdm bar per sweep and one per run (:meth:`RunContext.bar`);
+  when stderr is not a terminal (a log file, CI), no bars but one line per finished run.
+* **Reports**: :func:`load_results`, :func:`summarize` (mean, spread), :func:`fmt_mean_std` /
+  :func:`fmt_range` (which say "1 seed" rather than a spread of one value), :func:`tail_label`,
+  :func:`markdown_table`, :func:`new_figure`/:func:`save_figure` (matplotlib, Agg backend) and
+  :class:`Report`, which collects markdown and PNGs into ``report.md``.
 
 How an experiment plugs in (one file, e.g. ``adoptim/experiments/myexp.py``)::
 
@@ -82,17 +85,23 @@ __all__ = [
     "batch_indices",
     "config_dict",
     "config_from_args",
+    "curve_label",
     "fmt",
+    "fmt_mean_std",
+    "fmt_range",
     "load_metrics",
     "load_results",
     "markdown_table",
     "new_figure",
+    "plural",
+    "progress_bars",
     "run_id",
     "run_sweep",
     "save_figure",
     "seed_everything",
     "set_threads",
     "summarize",
+    "tail_label",
 ]
 
 RESULT_FILE = "result.json"  # its presence means "this run finished"
@@ -191,6 +200,13 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, drop_last: boo
     return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def progress_bars(progress: bool = True) -> bool:
+    """Whether to draw tqdm bars: only when asked for and stderr is a terminal. In a log file
+    (or a CI job) the carriage returns of nested bars garble the output; there the runner
+    prints one line per finished run instead."""
+    return bool(progress) and sys.stderr.isatty()
+
+
 def set_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads (default: ``ADOPTIM_THREADS`` or 1; the experiments here
     are small, and the machine is shared) and return the number used."""
@@ -211,6 +227,7 @@ class RunContext:
         self.dir = Path(run_dir)
         self.config = config
         self.progress = progress
+        self.bars = progress_bars(progress)  # only on a terminal
         self.position = position
         self._jsonl = open(self.dir / "metrics.jsonl", "w")  # noqa: SIM115 (closed in finish/close)
         self._csv_file = open(self.dir / "metrics.csv", "w", newline="")  # noqa: SIM115
@@ -234,7 +251,9 @@ class RunContext:
         self.step_losses.append(float(loss))
 
     def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
-        """A tqdm bar for this run (below the sweep's bar; disappears when done)."""
+        """A tqdm bar for this run (below the sweep's bar; disappears when done). Disabled
+        (it only passes ``iterable`` through) unless progress was asked for and stderr is a
+        terminal."""
         from tqdm.auto import tqdm
 
         return tqdm(
@@ -243,10 +262,19 @@ class RunContext:
             desc=desc or self.dir.name[:40],
             position=self.position,
             leave=False,
-            disable=not self.progress,
+            disable=not self.bars,
             dynamic_ncols=True,
             mininterval=0.5,
         )
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bars (``tqdm.write`` while they show)."""
+        if self.bars:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
 
     def finish(self, result: dict[str, Any]) -> None:
         """Close the metric files and write ``result.json`` atomically (marks the run done)."""
@@ -274,9 +302,11 @@ def run_sweep(
 ) -> list[Path]:
     """Run ``run_fn(cfg, ctx)`` for every config, each in ``out_dir/runs/<run_id>/``.
 
-    A run whose ``result.json`` exists is skipped (resume); a run folder without it (cut off
-    mid-run) is cleared and the run restarts. ``run_fn`` returns the run's summary dict (goes
-    into ``result.json`` with the config and wall time). Returns the run folders, in order.
+    A run whose ``result.json`` exists is skipped (resume), and the number skipped is printed
+    ("reused N finished runs"); a run folder without it (cut off mid-run) is cleared and the
+    run restarts. ``run_fn`` returns the run's summary dict (goes into ``result.json`` with the
+    config and wall time). Progress: bars on a terminal, otherwise (with ``progress``) one line
+    per finished run. Returns the run folders, in order.
     """
     from tqdm.auto import tqdm
 
@@ -285,20 +315,30 @@ def run_sweep(
     if len(set(dirs)) != len(dirs):
         raise ValueError("two configs in the sweep map to the same run folder")
     todo = [(c, d) for c, d in zip(configs, dirs) if not (d / RESULT_FILE).exists()]
-    with tqdm(total=len(configs), initial=len(configs) - len(todo), desc=name, position=0,
-              disable=not progress, dynamic_ncols=True) as bar:
-        for cfg, d in todo:
+    reused = len(configs) - len(todo)
+    if reused:  # say so: a second invocation that only rereads results should not look new
+        left = f", {len(todo)} to run" if todo else ""
+        print(f"[{name}] reused {plural(reused, 'finished run')}{left} "
+              f"(delete {out_dir} to rerun)", flush=True)
+    bars = progress_bars(progress)
+    with tqdm(total=len(configs), initial=reused, desc=name, position=0,
+              disable=not bars, dynamic_ncols=True) as bar:
+        for i, (cfg, d) in enumerate(todo, start=reused + 1):
             if d.exists():
                 shutil.rmtree(d)  # a partial run: start it again
             d.mkdir(parents=True)
             (d / CONFIG_FILE).write_text(json.dumps(config_dict(cfg), indent=1))
             ctx = RunContext(d, cfg, progress=progress)
+            t0 = time.time()
             try:
                 result = run_fn(cfg, ctx) or {}
                 ctx.finish(result)
             finally:
                 ctx.close()
             bar.update(1)
+            if progress and not bars:  # a log, not a terminal: one line per finished run
+                print(f"[{name}] run {i}/{len(configs)} done in {time.time() - t0:.1f} s: "
+                      f"{d.name}", flush=True)
     return dirs
 
 
@@ -351,6 +391,45 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.2e}"
 
 
+def plural(n: int, noun: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def fmt_mean_std(s: dict[str, float], digits: int = 2, unit: str = "seed") -> str:
+    """``"mean ± std"`` of a :func:`summarize` dict; with one value ``"mean (1 seed)"``, since
+    the spread of a single run is unknown, not zero."""
+    if s["n"] == 0:
+        return "n/a"
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (1 {unit})"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def curve_label(name: str, n: int, unit: str = "seed") -> str:
+    """A legend entry for a curve averaged over ``n`` runs: ``"adam (mean of 3 seeds)"``, or
+    ``"adam (1 seed)"``."""
+    return f"{name} (1 {unit})" if n == 1 else f"{name} (mean of {plural(n, unit)})"
+
+
+def fmt_range(s: dict[str, float], digits: int = 2, unit: str = "seed") -> str:
+    """``"[min, max]"`` of a :func:`summarize` dict, or ``"1 seed"`` when there is one value."""
+    if s["n"] == 0:
+        return "n/a"
+    if s["n"] == 1:
+        return f"1 {unit}"
+    return f"[{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
+def tail_label(what: str, steps: int, window: int = 50) -> str:
+    """A column header for the mean of the last ``window`` steps of a ``steps``-step run:
+    ``"train loss, last 50 steps"``, or ``"train loss, mean of all 30 steps"`` when the run is
+    no longer than the window."""
+    if steps <= window:
+        return f"{what}, mean of all {steps:,} steps"
+    return f"{what}, last {window:,} steps"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table (cells are str()-ed; floats via :func:`fmt`)."""
     def cell(v: Any) -> str:
@@ -373,12 +452,14 @@ def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save ``fig`` as PNG and close it."""
+    """Save ``fig`` as PNG and close it (laid out tightly, unless it has its own layout
+    engine, e.g. ``new_figure(..., layout="constrained")``)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
