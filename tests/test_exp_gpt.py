@@ -106,3 +106,47 @@ def test_registered():
     full = get_experiment("gpt").full()
     assert {(c.optimizer, c.batch_size) for c in full} == {
         (o, b) for o in ("adamw", "adoptw") for b in (gpt.SMALL_BATCH, gpt.LARGE_BATCH)}
+
+
+def test_centered_mean_has_no_lag_and_no_lost_ends():
+    line = [float(i) for i in range(40)]
+    assert gpt.centered_mean(line, 25).tolist() == line  # a straight line stays put
+    noisy = [5.0, 1.0, 5.0, 1.0, 5.0]
+    smooth = gpt.centered_mean(noisy, 3)
+    assert len(smooth) == 5 and smooth[0] == 5.0 and smooth[-1] == 5.0  # ends: raw values
+    assert smooth[1:4].tolist() == pytest.approx([11 / 3, 7 / 3, 11 / 3])
+
+
+def test_loss_plot_shows_every_step_from_the_first(tmp_path, monkeypatch):
+    from adoptim.experiments.runner import RESULT_FILE, Report, config_dict
+
+    figures = {}
+    original = Report.figure
+
+    def keep(self, fig, filename, caption=""):
+        figures[filename] = fig
+        return original(self, fig, filename, caption)
+
+    monkeypatch.setattr(Report, "figure", keep)
+    sweep = [gpt.Args(optimizer=o, max_iters=60, warmup_iters=10) for o in ("adamw", "adoptw")]
+    for i, a in enumerate(sweep):  # finished runs, written by hand: losses from ln 256 down
+        d = tmp_path / "runs" / f"run{i}"
+        d.mkdir(parents=True)
+        rows = [{"step": 0, "val/loss": 5.55}]
+        rows += [{"step": s, "train/loss": 5.55 - s / 30, "train/grad_norm": 1.0}
+                 for s in range(1, 61)]
+        rows += [{"step": 60, "val/loss": 3.5}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / RESULT_FILE).write_text(json.dumps({
+            "config": config_dict(a), "seconds": 1.0, "val/final_loss": 3.5,
+            "train/last50_loss": 4.0, "spikes/count": 0, "spikes/steps": [],
+            "spikes/max_ratio": 1.0}))
+    text = gpt.report(sweep, tmp_path).read_text()
+    assert "(1 seed)" in text and "± 0.0000" not in text
+    ax = figures["gpt_loss.png"].axes[0]  # batch 8: training loss
+    for line in ax.get_lines():
+        x = line.get_xdata()
+        if len(x):  # the raw curve and its moving average: steps 1..60, none cut off
+            assert list(x) == list(range(1, 61))
+    lo, hi = ax.get_ylim()
+    assert hi >= 5.5 and lo <= 3.6  # the whole curve is inside the axes

@@ -81,3 +81,62 @@ def test_command_line_run_on_a_user_idx_folder(blobs, tmp_path):
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=True)
     assert "'epoch': 1" in out.stdout and "metrics.csv" in out.stdout
     assert len(list(tmp_path.glob("runs/*/result.json"))) == 1
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the reports save, by file name (still inspectable after saving)."""
+    from adoptim.experiments.runner import Report
+
+    kept = {}
+    original = Report.figure
+
+    def keep(self, fig, filename, caption=""):
+        kept[filename] = fig
+        return original(self, fig, filename, caption)
+
+    monkeypatch.setattr(Report, "figure", keep)
+    return kept
+
+
+def test_mlp_plot_is_labelled_and_shows_lines_that_coincide(blobs, tmp_path, figures):
+    sweep = [_cfg(blobs, optimizer=o, epochs=2) for o in ("adam", "amsgrad")]
+    mlp.EXPERIMENT.run(sweep, tmp_path, progress=False)
+    text = mlp.EXPERIMENT.report(sweep, tmp_path).read_text()
+    assert "(1 seed)" in text and "± 0.00" not in text
+    assert "Data: all 300 training and 100 test examples" in text
+    acc, _, loss = figures["mlp_idx.png"].axes[:3]
+    assert loss.get_ylabel() == "train loss (cross-entropy, log scale)"  # not the key
+    # Adam and AMSGrad are nearly the same run: one dashed over the other, not hidden
+    styles = {line.get_label(): line.get_linestyle() for line in acc.get_lines()}
+    assert styles["Adam"] != styles["AMSGrad"]
+
+
+def test_lr_sweep_heatmap_colours_are_log_loss_and_percent(tmp_path, figures):
+    import json
+
+    from matplotlib.colors import LogNorm
+
+    from adoptim.experiments.runner import RESULT_FILE, config_dict
+
+    sweep = lr_sweep.grid(MLPConfig(hidden=8, epochs=1), lrs=(1e-3, 1e-2), beta2s=(0.1, 0.999),
+                          seeds=1)
+    losses = {("adam", 0.1, 1e-3): 3e3, ("adam", 0.1, 1e-2): 1.6e14}  # Adam blows up
+    for i, c in enumerate(sweep):  # finished runs, written by hand
+        d = tmp_path / "runs" / f"run{i}"
+        d.mkdir(parents=True)
+        loss = losses.get((c.optimizer, c.beta2, c.lr), 0.05)
+        (d / RESULT_FILE).write_text(json.dumps({
+            "config": config_dict(c), "seconds": 1.0, "diverged": False,
+            "final": {"train/loss": loss, "test/acc": 0.3 if loss > 1 else 0.9}}))
+    lr_sweep.EXPERIMENT.report(sweep, tmp_path)
+    fig = figures["lr_beta2_heatmap.png"]
+    adam_loss = fig.axes[0].get_images()[0]
+    # one log colour scale over every cell: 3e3 and 1.6e14 do not look the same
+    assert isinstance(adam_loss.norm, LogNorm)
+    assert adam_loss.norm.vmax >= 1.6e14 and adam_loss.norm.vmin <= 0.05
+    assert adam_loss.norm(3e3) < adam_loss.norm(1.6e14) - 0.3
+    # accuracy in percent, as the cells are written, with a colour bar that says so
+    acc = [ax for ax in fig.axes if ax.get_title() == "Adam: final test accuracy"][0]
+    assert acc.get_images()[0].get_array().max() == pytest.approx(90.0)
+    assert any(ax.get_ylabel() == "test accuracy (%)" for ax in fig.axes)

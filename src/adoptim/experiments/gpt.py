@@ -64,16 +64,21 @@ from adoptim.experiments.optimizers import make_optimizer
 from adoptim.experiments.runner import (
     Experiment,
     Report,
+    curve_label,
+    fmt_mean_std,
     load_metrics,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     seed_everything,
     set_threads,
     summarize,
+    tail_label,
 )
 
-__all__ = ["EXPERIMENT", "GPT", "Args", "find_spikes", "get_lr", "load_corpus", "train"]
+__all__ = ["EXPERIMENT", "GPT", "Args", "find_spikes", "get_lr", "load_corpus", "train",
+           "centered_mean"]
 
 
 @dataclass
@@ -361,9 +366,13 @@ def train(a: Args, ctx=None) -> dict:
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype
                 else contextlib.nullcontext())
     if rank == 0:
-        print(f"GPT: {n_params / 1e6:.2f}M params, {len(splits['train'])} train / "
-              f"{len(splits['val'])} val bytes, {tokens_per_iter} tokens/step, world {world}, "
-              f"device {device}, optimizer {type(optimizer).__name__}", flush=True)
+        msg = (f"GPT: {n_params / 1e6:.2f}M params, {len(splits['train'])} train / "
+               f"{len(splits['val'])} val bytes, {tokens_per_iter} tokens/step, world {world}, "
+               f"device {device}, optimizer {type(optimizer).__name__}")
+        if ctx is not None:
+            ctx.write(msg)  # between the progress bars, not through them
+        else:
+            print(msg, flush=True)
 
     @torch.no_grad()
     def estimate_loss():
@@ -493,15 +502,37 @@ def run(sweep, out: Path, progress: bool = True) -> None:
     run_sweep(sweep, out, train, name="gpt", keys=_KEYS, progress=progress)
 
 
+MA_STEPS = 25  # moving-average window of the training-loss plot
+LINESTYLES = ("-", "--", "-.", ":")  # so that curves lying on top of each other stay visible
+
+
+def centered_mean(values, window: int) -> np.ndarray:
+    """A moving average without lag or lost ends: at index i the mean of the values within
+    ``window // 2`` of i on both sides, the half-width shrinking near either end (the first
+    and last points are the raw values), so that it covers every step and follows a falling
+    loss instead of trailing above it."""
+    x = np.asarray(values, dtype=float)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(len(x))
+    h = np.minimum(np.minimum(window // 2, i), len(x) - 1 - i)
+    return (c[i + h + 1] - c[i - h]) / (2 * h + 1)
+
+
 def report(sweep, out: Path) -> Path:
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     from adoptim.experiments._part2 import curve_band
 
     results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "Byte-level GPT: AdamW vs ADOPTW, small vs large batch")
     if results:
         c0 = results[0]["config"]
-        rep.text(f"Corpus `{c0['dataset']}` ({c0['max_bytes']} bytes max, last "
-                 f"{c0['val_fraction']:.0%} held out), {c0['n_layer']} layers x {c0['n_embd']} "
+        seeds = sorted({r["config"]["seed"] for r in results})
+        corpus = (f"the first {c0['max_bytes']:,} bytes" if c0["max_bytes"] else "all")
+        rep.text(f"Corpus `{c0['dataset']}`: {corpus} of it, the last "
+                 f"{c0['val_fraction']:.0%} of those held out; {plural(len(seeds), 'seed')} "
+                 f"({', '.join(map(str, seeds))}), the seeds column says how many each row "
+                 f"has, and ± is the std over them; {c0['n_layer']} layers x {c0['n_embd']} "
                  f"wide, context {c0['block_size']}, {c0['max_iters']} steps, peak lr per row "
                  f"(warmup {c0['warmup_iters']}, cosine to lr/{c0['lr'] / c0['min_lr']:g}), clip "
                  f"{c0['grad_clip']}, AdamW betas ({c0['beta1']}, {c0['adam_beta2']}), "
@@ -524,7 +555,7 @@ def report(sweep, out: Path) -> Path:
             sp = [r["spikes/count"] for r in rs]
             mr = summarize(r["spikes/max_ratio"] for r in rs)
             secs = summarize(r["seconds"] for r in rs)
-            rows.append([b, lr, o, v["n"], f"{v['mean']:.4f} ± {v['std']:.4f}",
+            rows.append([b, lr, o, v["n"], fmt_mean_std(v, 4),
                          f"{summarize(r['train/last50_loss'] for r in rs)['mean']:.4f}",
                          f"{sum(sp)} ({', '.join(map(str, sp))})", f"{mr['max']:.2f}",
                          f"{secs['mean']:.0f}"])
@@ -537,31 +568,40 @@ def report(sweep, out: Path) -> Path:
                 tr_curves.append(([s for s, _ in tr], [x for _, x in tr]))
                 va_curves.append(([s for s, _ in va], [x for _, x in va]))
                 axes[0][j].plot(*tr_curves[-1], lw=0.3, alpha=0.25, color=color)
-                if len(tr) >= 25:  # 25-step moving average, to see the trend through the noise
-                    ma = np.convolve(tr_curves[-1][1], np.ones(25) / 25, mode="valid")
-                    axes[0][j].plot(tr_curves[-1][0][24:], ma, lw=1.0, color=color)
+                # a centred moving average, to see the trend through the noise, from step 1
+                axes[0][j].plot(tr_curves[-1][0], centered_mean(tr_curves[-1][1], MA_STEPS),
+                                lw=1.0, color=color, ls=LINESTYLES[k % len(LINESTYLES)])
                 for s in r["spikes/steps"]:
                     axes[0][j].axvline(s + 1, color=color, lw=0.6, ls=":")
             for curves, ax in ((va_curves, axes[1][j]),):
                 band = curve_band(curves)
                 if band is not None:
                     g, mean, lo, hi = band
-                    ax.plot(g, mean, color=color, label=f"{o} (mean of {len(rs)})")
+                    ax.plot(g, mean, color=color, marker=".",
+                            ls=LINESTYLES[k % len(LINESTYLES)], label=curve_label(o, len(rs)))
                     ax.fill_between(g, lo, hi, color=color, alpha=0.2)
-            axes[0][j].plot([], [], color=color, label=o)
-        axes[0][j].set_title(f"batch {b}, lr {lr}: training loss (dotted: spikes)")
-        axes[1][j].set_title(f"batch {b}, lr {lr}: validation loss")
+            axes[0][j].plot([], [], color=color, ls=LINESTYLES[k % len(LINESTYLES)], label=o)
+        axes[0][j].set_title(f"batch {b}, lr {lr}: training loss (dotted: spikes)", fontsize=10)
+        axes[1][j].set_title(f"batch {b}, lr {lr}: validation loss", fontsize=10)
         for i in (0, 1):
+            # every step from the first, on a log scale: the early drop from ln 256 = 5.5 and
+            # the small late differences are both readable
+            axes[i][j].set_yscale("log")
+            axes[i][j].yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 8)))
+            axes[i][j].yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            axes[i][j].yaxis.set_minor_formatter(NullFormatter())
+            axes[i][j].set_xlim(left=0)
             axes[i][j].set_xlabel("step")
-            axes[i][j].set_ylabel("loss (nats/byte)")
-            axes[i][j].legend()
-        axes[0][j].set_ylim(top=min(4.0, axes[0][j].get_ylim()[1]))
+            axes[i][j].set_ylabel("loss (nats/byte, log scale)")
+            axes[i][j].legend(fontsize=8)
+    steps = results[0]["config"]["max_iters"] if results else Args.max_iters
     rep.table(["batch", "peak lr", "optimizer", "seeds", "final val loss (mean ± std)",
-               "train loss, last 50 steps", "spikes total (per seed)",
+               tail_label("train loss", steps), "spikes total (per seed)",
                "max loss / running median", "seconds/run"], rows)
-    rep.figure(fig, "gpt_loss.png", "Top: training loss of every seed, raw (faint) and "
-                                    "25-step moving average; spikes dotted. "
-                                    "Bottom: validation loss, mean and min-max over seeds.")
+    rep.figure(fig, "gpt_loss.png", "Top: training loss of every seed from step 1, raw "
+                                    f"(faint) and its centred {MA_STEPS}-step moving average; "
+                                    "spikes dotted. Bottom: validation loss at each evaluation "
+                                    "(dots), mean and min-max over seeds. Log scale.")
     return rep.write()
 
 

@@ -22,6 +22,7 @@ from adoptim.experiments.runner import (
     Report,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     set_threads,
     summarize,
@@ -58,53 +59,61 @@ def _report(sweep: list[MLPConfig], out: Path) -> Path:
     c0 = sweep[0]
     n_seeds = len({c.seed for c in sweep})
     rep = Report(out, "Learning-rate x beta2 sensitivity (MLP): ADOPT vs Adam")
+    data = next((r["data/subset"] for r in results if "data/subset" in r), "")
     rep.text(f"""
-MLP with {c0.hidden} hidden ReLU units on {c0.dataset}, {c0.epochs} epochs, batch
-{c0.batch_size}, beta1 {c0.beta1}, constant lr; one run per (optimizer, lr, beta2, seed), mean
-over {n_seeds} seed(s) per cell. ADOPT is clipped `adoptim.ADOPT`, Adam is `torch.optim.Adam`.
-Lower train loss / higher accuracy is better; a blank cell diverged (non-finite loss).
+MLP with {c0.hidden} hidden ReLU units on {c0.dataset}{f" ({data})" if data else ""},
+{c0.epochs} epochs, batch {c0.batch_size}, beta1 {c0.beta1}, constant lr; one run per
+(optimizer, lr, beta2, seed), each cell the mean over {plural(n_seeds, "seed")}. ADOPT is
+clipped `adoptim.ADOPT`, Adam is `torch.optim.Adam`. Lower train loss / higher accuracy is
+better; a cell marked "div" diverged (non-finite loss).
 """)
-    metrics = (("train/loss", "final train loss", "viridis_r", True),
-               ("test/acc", "final test accuracy", "viridis", False))
+    from matplotlib.colors import LogNorm, Normalize
+
+    # (key, title, colormap, colour-bar label, log colour scale, scale for display)
+    metrics = (("train/loss", "final train loss", "viridis_r", "final train loss (log scale)",
+                True, 1.0),
+               ("test/acc", "final test accuracy", "viridis", "test accuracy (%)", False, 100.0))
     fig, axes = new_figure(len(metrics), len(opts), width=4.6, height=3.8)
-    for mi, (key, title, cmap, log) in enumerate(metrics):
-        mats = {o: np.array([[_cell(results, o, lr, b2, key) for lr in lrs] for b2 in beta2s])
-                for o in opts}
-        finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()] or [np.zeros(1)])
-        lo, hi = (finite.min(), finite.max()) if finite.size else (0, 1)
+    for mi, (key, title, cmap, cbar_label, log, scale) in enumerate(metrics):
+        mats = {o: scale * np.array([[_cell(results, o, lr, b2, key) for lr in lrs]
+                                     for b2 in beta2s]) for o in opts}
+        finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()])
+        if log:  # one log scale from the best to the worst cell: 0.07 and 1e14 look different
+            finite = finite[finite > 0]
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.1, 10.0)
+            norm = LogNorm(vmin=lo, vmax=max(hi, lo * 10))
+        else:
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 100.0)
+            norm = Normalize(vmin=lo, vmax=max(hi, lo + 1e-9))
         for oi, o in enumerate(opts):
             ax, m = axes[mi][oi], mats[o]
-            shown = np.log10(np.maximum(m, 1e-6)) if log else m
-            # losses above 10 (chance is ln 10 = 2.3) all get the darkest colour
-            vmin, vmax = ((np.log10(max(lo, 1e-6)), np.log10(max(min(hi, 10.0), 1e-5)))
-                          if log else (lo, hi))
-            vmax = max(vmax, vmin + 1e-9)
-            im = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
+            im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, aspect="auto",
+                           origin="lower")
             for i in range(len(beta2s)):
                 for j in range(len(lrs)):
                     v = m[i, j]
-                    txt = "div" if not np.isfinite(v) else (f"{v:.3g}" if log else f"{100*v:.1f}")
-                    frac = (np.clip(shown[i, j], vmin, vmax) - vmin) / (vmax - vmin)
-                    bright = frac < 0.5 if log else frac > 0.5  # yellow end of viridis
+                    txt = "div" if not np.isfinite(v) else (f"{v:.3g}" if log else f"{v:.1f}")
+                    # dark text on the light (yellow) end of viridis, white elsewhere
+                    light = np.isfinite(v) and (norm(v) < 0.5 if log else norm(v) > 0.5)
                     ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                            color="k" if np.isfinite(v) and bright else "w")
+                            color="k" if light or not np.isfinite(v) else "w")
             ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=8)
             ax.set_yticks(range(len(beta2s)), [f"{b:g}" for b in beta2s], fontsize=8)
             ax.set_xlabel("lr")
             ax.set_ylabel("β2")
-            ax.set_title(f"{LABELS.get(o, o)}: {title}" + (" (log color)" if log else ""),
-                         fontsize=9)
+            ax.set_title(f"{LABELS.get(o, o)}: {title}", fontsize=9)
             cb = fig.colorbar(im, ax=ax, fraction=0.046)
-            cb.set_label("log10 loss" if log else "accuracy", fontsize=8)
+            cb.set_label(cbar_label, fontsize=8)
         for o in opts:
             rows = [[f"{b2:g}", *[("div" if not np.isfinite(mats[o][i, j]) else
-                                   (f"{mats[o][i, j]:.4g}" if log else f"{100 * mats[o][i, j]:.2f}"))
+                                   (f"{mats[o][i, j]:.4g}" if log else f"{mats[o][i, j]:.2f}"))
                                   for j in range(len(lrs))]]
                     for i, b2 in enumerate(beta2s)]
             rep.table(["β2 \\ lr", *[f"{lr:g}" for lr in lrs]], rows,
-                      f"**{LABELS.get(o, o)}: {title}**")
+                      f"**{LABELS.get(o, o)}: {title}**" + (" (%)" if not log else ""))
     rep.figure(fig, "lr_beta2_heatmap.png",
-               "Final train loss (top) and test accuracy (bottom) over the lr x β2 grid")
+               "Final train loss (top, log colour scale shared by both optimizers) and test "
+               "accuracy in % (bottom) over the lr x β2 grid")
     # one-line robustness summary per optimizer: spread over beta2 at each lr
     lines = ["## Sensitivity to β2\n",
              "Range (max - min) over β2 of the final test accuracy (percentage points), at each lr:\n"]

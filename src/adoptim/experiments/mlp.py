@@ -32,9 +32,11 @@ from adoptim.experiments.runner import (
     Report,
     RunContext,
     batch_indices,
+    fmt_mean_std,
     load_metrics,
     load_results,
     new_figure,
+    plural,
     run_sweep,
     seed_everything,
     set_threads,
@@ -48,6 +50,8 @@ LABELS = {"adam": "Adam", "amsgrad": "AMSGrad", "adashift": "AdaShift", "adopt":
           "adopt-noclip": "ADOPT (no clip)", "adamw": "AdamW", "adoptw": "ADOPTW"}
 COLORS = {"adam": "tab:red", "amsgrad": "tab:orange", "adashift": "tab:purple",
           "adopt": "tab:blue", "adopt-noclip": "tab:green"}
+# Adam and AMSGrad often lie on top of each other: a dashed line over a solid one shows both
+LINESTYLES = {"adam": "-", "amsgrad": "--", "adashift": "-.", "adopt": "-", "adopt-noclip": ":"}
 DEFAULT_BETA2 = {"adopt": 0.9999, "adopt-noclip": 0.9999, "adoptw": 0.9999}  # others: 0.999
 
 
@@ -141,7 +145,11 @@ def train(cfg: MLPConfig, ctx: RunContext | None = None) -> dict:
     if bar is not None:
         bar.close()
     last = history[-1]
+    n_train, n_test = len(data.x_train), len(data.x_test)
+    subset = (f"all {n_train:,} training and {n_test:,} test examples; train accuracy on "
+              + ("all of them" if len(x_tr_eval) == n_train else f"the first {len(x_tr_eval):,}"))
     return {"final": last, "best_test_acc": max(r["test/acc"] for r in history),
+            "data/subset": subset,
             "beta2_used": beta2, "diverged": not all(
                 torch.isfinite(torch.tensor(r["train/loss"])) for r in history)}
 
@@ -153,7 +161,7 @@ def _run(sweep: list[MLPConfig], out: Path, progress: bool = True) -> None:
 
 
 def _curves(results: list[dict], dataset: str, metric: str, ax, title: str,
-            percent: bool = True) -> None:
+            percent: bool = True, ylabel: str = "") -> None:
     import numpy as np
 
     for opt in dict.fromkeys(r["config"]["optimizer"] for r in results):
@@ -166,11 +174,12 @@ def _curves(results: list[dict], dataset: str, metric: str, ax, title: str,
         a = a * 100 if percent else a
         x = np.arange(1, n + 1)
         mean = a.mean(0)
-        ax.plot(x, mean, color=COLORS.get(opt), label=LABELS.get(opt, opt))
+        ax.plot(x, mean, color=COLORS.get(opt), ls=LINESTYLES.get(opt, "-"),
+                label=LABELS.get(opt, opt))
         ax.fill_between(x, a.min(0), a.max(0), color=COLORS.get(opt), alpha=0.2, linewidth=0)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)" if percent else metric)
+    ax.set_ylabel(ylabel or ("accuracy (%)" if percent else metric))
     if not percent:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -186,8 +195,9 @@ One-hidden-layer MLP ({c0.hidden} ReLU units), cross-entropy, batch {c0.batch_si
 lr {c0.lr} for every optimizer, beta1 {c0.beta1}, beta2 = each optimizer's default (ADOPT
 0.9999, the others 0.999). ADOPT is clipped `adoptim.ADOPT`; AdaShift is
 `adoptim.experiments.adashift.AdaShift` (n = 10, phi = max per tensor). Accuracy after each epoch;
-train accuracy on the first {c0.train_eval_max:,} training examples. Tables: mean ± sample std
-over seeds (n = number of seeds); plots: mean with min-max band over seeds.
+train accuracy on (at most) the first {c0.train_eval_max:,} training examples. Tables: mean ±
+sample std over seeds (the seeds column; one seed shows its value alone); plots: mean with
+min-max band over seeds.
 """)
     for dataset in dict.fromkeys(c.dataset for c in sweep):
         rs = [r for r in results if r["config"]["dataset"] == dataset]
@@ -203,19 +213,21 @@ over seeds (n = number of seeds); plots: mean with min-max band over seeds.
             te = summarize(100 * r["final"]["test/acc"] for r in sel)
             best = summarize(100 * r["best_test_acc"] for r in sel)
             loss = summarize(r["final"]["train/loss"] for r in sel)
-            rows.append([LABELS.get(opt, opt), f"{tr['mean']:.2f} ± {tr['std']:.2f}",
-                         f"{te['mean']:.2f} ± {te['std']:.2f}",
-                         f"{best['mean']:.2f} ± {best['std']:.2f}",
-                         f"{loss['mean']:.4f} ± {loss['std']:.4f}", tr["n"],
+            rows.append([LABELS.get(opt, opt), fmt_mean_std(tr), fmt_mean_std(te),
+                         fmt_mean_std(best), fmt_mean_std(loss, 4), tr["n"],
                          f"{summarize(r['seconds'] for r in sel)['mean']:.0f}"])
-        rep.text(f"## {dataset} ({epochs} epochs)")
+        seeds = sorted({r["config"]["seed"] for r in rs})
+        data = rs[0].get("data/subset", "")  # absent in runs from before it was recorded
+        rep.text(f"## {dataset} ({epochs} epochs)\n\n"
+                 + (f"Data: {data}. " if data else "")
+                 + f"{plural(len(seeds), 'seed')} per optimizer ({', '.join(map(str, seeds))}).")
         rep.table(["optimizer", "train acc %", "test acc %", "best test acc %",
                    "train loss", "seeds", "s/run"], rows)
         fig, axes = new_figure(1, 3, width=4.4, height=3.4)
         _curves(rs, dataset, "train/acc", axes[0][0], f"{dataset}: train accuracy")
         _curves(rs, dataset, "test/acc", axes[0][1], f"{dataset}: test accuracy")
         _curves(rs, dataset, "train/loss", axes[0][2], f"{dataset}: train loss (log)",
-                percent=False)
+                percent=False, ylabel="train loss (cross-entropy, log scale)")
         axes[0][0].legend(fontsize=8)
         for ax in axes[0][:2]:
             lo = min(line.get_ydata().min() for line in ax.get_lines()) if ax.get_lines() else 0

@@ -44,6 +44,7 @@ from adoptim.experiments.runner import (
     load_metrics,
     load_results,
     new_figure,
+    progress_bars,
     run_sweep,
     set_threads,
 )
@@ -290,8 +291,12 @@ def config_dict_of(cfg: ToyConfig) -> dict:
 
 
 def _curves_figure(results, names, c0: ToyConfig):
-    fig, axes = new_figure(len(c0.ks), len(c0.beta2s), width=4.2, height=3.0, sharey=True)
+    fig, axes = new_figure(len(c0.ks), len(c0.beta2s), width=4.2, height=3.0, sharey=True,
+                           layout="constrained")  # room for the legend below the panels
     colors = dict(zip(names, ["tab:red", "tab:orange", "tab:blue", "tab:green"]))
+    # several variants coincide in some panels (Adam and AMSGrad at β2 = 0.999, all four
+    # ablation variants at k = 10, β2 = 0.999): distinct dashes keep each line visible
+    styles = dict(zip(names, ["-", "--", "-.", ":"]))
     by_opt = {r["config"]["optimizer"]: r for r in results}
     for name in names:
         if name not in by_opt:
@@ -302,7 +307,8 @@ def _curves_figure(results, names, c0: ToyConfig):
                 sel = [r for r in rows if r["k"] == k and r["beta2"] == b2]
                 ax = axes[ki][bi]
                 x = [r["step"] for r in sel]
-                ax.plot(x, [r["median"] for r in sel], color=colors[name], label=LABELS[name])
+                ax.plot(x, [r["median"] for r in sel], color=colors[name], ls=styles[name],
+                        label=LABELS[name])
                 ax.fill_between(x, [r["q25"] for r in sel], [r["q75"] for r in sel],
                                 color=colors[name], alpha=0.2, linewidth=0)
                 ax.set_xscale("log")
@@ -313,7 +319,9 @@ def _curves_figure(results, names, c0: ToyConfig):
                     ax.set_xlabel("step")
                 if bi == 0:
                     ax.set_ylabel("θ")
-    axes[0][0].legend(fontsize=7, loc="best")
+    # one legend for all panels, outside them: inside, it would hide some panel's curves
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(names), fontsize=8, frameon=False)
     return fig
 
 
@@ -384,9 +392,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"toy problem: g = k^2 w.p. 1/k else -k on [-1, 1] (minimiser -1), theta0 = 0, "
           f"alpha_t = {base.alpha}/sqrt(t), {base.steps:,} steps, {base.n_seeds} seeds")
     finals = {}
-    for name in tqdm(args.optimizers, desc="optimizers", disable=args.no_progress):
+    bars = progress_bars(not args.no_progress)  # none when stderr is not a terminal
+    for name in tqdm(args.optimizers, desc="optimizers", disable=not bars):
         cfg = replace(base, optimizer=name)
-        with tqdm(total=cfg.steps, desc=name, leave=False, disable=args.no_progress) as bar:
+        with tqdm(total=cfg.steps, desc=name, leave=False, disable=not bars) as bar:
             finals[name] = simulate(cfg, bar=bar)
     headers = ["optimizer", "k", *[f"beta2={b}" for b in base.beta2s]]
     rows, table = [], {}
