@@ -108,3 +108,56 @@ def test_missing_peer_is_skipped_not_fatal(monkeypatch):
     res = bench.run_suite("c", [bench.OPTIMIZERS[0], entry], warmup=0, repeats=1, scale=0.001)
     assert res["results"]["ghost"] == {"skipped": "ghost is not installed"}
     assert "median_s" in res["results"]["adam-fused"]
+
+
+@pytest.mark.parametrize("scale", ["0", "-0.5", "nan"])
+def test_scale_must_be_positive(scale, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--scale", scale, "--suites", ""])
+    assert exc.value.code == 2 and "--scale: must be > 0" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: a,b,c)", "(default: 5)", "(default: 2)", "(default: 3)",
+                    "(default: 1.0)", "(default: runs/bench)"):
+        assert default in text
+
+
+def test_skip_messages_name_the_package_to_install(monkeypatch):
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    peers = ("torch-adopt-foreach", "pytorch_optimizer", "timm-forloop")
+    reasons = {e.name: e.available() for e in bench.OPTIMIZERS if e.name in peers}
+    # the official ADOPT imports as `adopt`, but pip knows it as torch-adopt
+    assert reasons["torch-adopt-foreach"] == (
+        'torch-adopt is not installed (pip install "adoptim[bench]")')
+    assert reasons["pytorch_optimizer"].endswith('(pip install "adoptim[bench]")')
+    assert reasons["timm-forloop"] == "timm is not installed (pip install --no-deps timm)"
+
+
+def test_plot_titles_say_the_scale_and_fit_in_the_figure(monkeypatch):
+    def fake_time_one(entry, params, warmup, repeats):
+        return {"times_s": [0.01] * repeats, "peak_mb": 1.0, "first_step_s": 0.02}
+
+    monkeypatch.setattr(bench, "_time_one", fake_time_one)
+    suite = bench.run_suite("a", bench.OPTIMIZERS[:2], warmup=0, repeats=1, scale=0.001)
+    assert suite["title"] == "20 x 1M at scale 0.001: 20 tensors, 20.0k params"
+    machine = "2 CPU cores, 2 torch threads, torch 2.13.0+cpu, CPU capability AVX512"
+    fig = bench.figure({"machine": machine, "suites": [suite]})  # one panel: the narrowest
+    fig.canvas.draw()
+    width = fig.bbox.width
+    ax = fig.axes[0]
+    assert "scale 0.001" in ax.get_title()
+    for text in (fig._suptitle, ax.title):
+        box = text.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= width, text.get_text()  # nothing cut off
+    assert "(a) 20 x 1M at scale 0.001" in bench.format_table({"suites": [suite]})
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    assert main(["bench", "--suites", "c", "--optimizers", "adam-foreach", "--repeats", "1",
+                 "--warmup", "0", "--rounds", "1", "--scale", "0.001",
+                 "--out", str(tmp_path)]) == 0
+    assert "\r" not in capsys.readouterr().err  # pytest's capture is not a terminal

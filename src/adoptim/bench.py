@@ -23,7 +23,10 @@ optimizer existed, sampled every millisecond: state plus the step's temporaries.
 
 Peers are timed when installed (never required): ``torch-adopt`` (imports as ``adopt``), timm's
 ``Adopt`` (loaded from ``timm/optim/adopt.py``, because ``import timm`` needs torchvision), and
-``pytorch_optimizer.ADOPT``.
+``pytorch_optimizer.ADOPT``. ``pip install "adoptim[bench]"`` installs torch-adopt and
+pytorch_optimizer (and the 8-bit optimizers of torchao and bitsandbytes); timm goes in with
+``pip install --no-deps timm``, since its torchvision requirement would replace a CPU torch
+with another build. A peer that is missing is skipped with the command that installs it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "run", "suite_shapes"]
+__all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "figure", "run", "suite_shapes", "suite_title"]
 
 BYTES_PER_PARAM = 28  # 4 float32 reads + 3 writes
 
@@ -88,6 +91,20 @@ SUITES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
 }
 
 
+def _count(n: int) -> str:
+    """124.4M, 20.0k, 999."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def suite_title(suite: str, scale: float, tensors: int, params: int) -> str:
+    """``"20 x 1M"``, or with ``--scale``: ``"20 x 1M at scale 0.001: 20 tensors, 20.0k
+    params"`` (the name alone would misstate what was timed)."""
+    name = SUITES[suite][0]
+    if scale == 1.0:
+        return name
+    return f"{name} at scale {scale:g}: {tensors:,} tensors, {_count(params)} params"
+
+
 def suite_shapes(suite: str, scale: float = 1.0) -> list[tuple[int, ...]]:
     """The suite's shapes, each dimension's product scaled by ``scale`` (for quick runs)."""
     shapes = SUITES[suite][1]()
@@ -107,9 +124,20 @@ class Entry:
     available: Callable[[], str | None] = lambda: None  # reason it cannot run, or None
 
 
-def _module_missing(module: str) -> Callable[[], str | None]:
+BENCH_EXTRA = 'pip install "adoptim[bench]"'
+# timm requires torchvision, whose wheel pins its own torch build; the bench needs neither
+TIMM_INSTALL = "pip install --no-deps timm"
+
+
+def _module_missing(module: str, package: str | None = None,
+                    install: str = BENCH_EXTRA) -> Callable[[], str | None]:
+    """A check saying that ``package`` (the name pip knows; default ``module``, the name it
+    imports as) is missing and how to install it."""
+
     def check() -> str | None:
-        return None if importlib.util.find_spec(module) else f"{module} is not installed"
+        if importlib.util.find_spec(module):
+            return None
+        return f"{package or module} is not installed ({install})"
 
     return check
 
@@ -158,7 +186,7 @@ def _timm(foreach: bool) -> Callable:
 
 
 def _timm_missing() -> str | None:
-    return _module_missing("timm")()
+    return _module_missing("timm", install=TIMM_INSTALL)()
 
 
 OPTIMIZERS: list[Entry] = [
@@ -170,8 +198,8 @@ OPTIMIZERS: list[Entry] = [
     Entry("adopt-foreach", _adopt(foreach=True, fused=False)),
     Entry("adopt-forloop", _adopt(foreach=False, fused=False)),
     Entry("adopt-default", _adopt()),
-    Entry("torch-adopt-forloop", _torch_adopt(False), _module_missing("adopt")),
-    Entry("torch-adopt-foreach", _torch_adopt(True), _module_missing("adopt")),
+    Entry("torch-adopt-forloop", _torch_adopt(False), _module_missing("adopt", "torch-adopt")),
+    Entry("torch-adopt-foreach", _torch_adopt(True), _module_missing("adopt", "torch-adopt")),
     Entry("timm-forloop", _timm(False), _timm_missing),
     Entry("timm-foreach", _timm(True), _timm_missing),
     Entry(
@@ -318,7 +346,8 @@ def run_suite(
             res["ratio_to_adam_fused"] = res["median_s"] / base if base else None
     return {
         "suite": suite,
-        "title": SUITES[suite][0],
+        "title": suite_title(suite, scale, len(shapes), numel),
+        "scale": scale,
         "tensors": len(shapes),
         "params": numel,
         "results": results,
@@ -329,8 +358,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines = []
     for s in report["suites"]:
         lines.append(
-            f"\n({s['suite']}) {s['title']}: {s['tensors']} tensors, {s['params'] / 1e6:.1f}M "
-            "float32 params"
+            f"\n({s['suite']}) {SUITES[s['suite']][0]}"
+            + (f" at scale {s['scale']:g}" if s.get("scale", 1.0) != 1.0 else "")
+            + f": {s['tensors']} tensors, {_count(s['params'])} float32 params"
         )
         lines.append(
             f"| {'optimizer':<20} | {'median ms':>9} | {'x adam-fused':>12} | {'GB/s':>6} "
@@ -352,7 +382,10 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def figure(report: dict[str, Any]):
+    """The bench plot: one panel per suite, step time / fused Adam per optimizer."""
+    import textwrap
+
     import matplotlib
     import matplotlib.ticker
 
@@ -370,18 +403,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
         names = [n for n, _ in rows]
         ratios = [v for _, v in rows]
         colors = ["tab:orange" if n.startswith("adopt-") else "tab:gray" for n in names]
-        ax.barh(names, ratios, color=colors)
+        # Each bar runs from fused Adam (1x) to the optimizer's ratio, and says the ratio: on
+        # a log axis a bar from the left edge would make a 10% gap look like a factor of 5.
+        ax.barh(names, [v - 1 for v in ratios], left=1, color=colors)
+        for y, v in enumerate(ratios):
+            ax.text(v, y, f" {v:.2f}x ", va="center",
+                    ha="left" if v >= 1 else "right", fontsize=8)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log")
-        lo, hi = min(ratios) / 1.5, max(ratios) * 1.5
-        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16) if lo <= t <= hi]
+        lo, hi = min([*ratios, 1.0]) / 1.6, max([*ratios, 1.0]) * 1.6  # room for the labels
+        ax.set_xlim(lo, hi)
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if lo <= t <= hi]
+        if len(ticks) < 3:  # a narrow range: finer ticks
+            ticks = [t for t in (0.5, 0.67, 0.8, 1, 1.25, 1.5, 2) if lo <= t <= hi]
         ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
-        ax.set_title(f"({s['suite']}) {s['title']}")
+        # the suite as timed (scaled or not), wrapped to the panel's width
+        ax.set_title(textwrap.fill(f"({s['suite']}) {s['title']}", 45), fontsize=10)
         ax.set_xlabel("median step time / fused Adam (log)")
-    fig.suptitle(f"adoptim bench, {report['machine']}")
+    # wrapped to the figure's width: one 5-inch panel holds about 60 characters
+    fig.suptitle(textwrap.fill(f"adoptim bench, {report['machine']}", 60 * len(suites)),
+                 fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -490,34 +541,71 @@ def format_startup(s: dict[str, Any]) -> str:
 # Command line
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, refused unless > 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # every help text ends with its default, as `adoptim bench --help` shows it
     parser.add_argument(
-        "--suites", default="a,b,c", help="comma-separated: a, b, c (default all; '' for none)"
+        "--suites", default="a,b,c",
+        help="comma-separated: a (20 x 1M), b (GPT-2 small), c (2000 x 1k); '' for none "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--optimizers",
         default="*",
         help="comma-separated names or patterns (adam-*, adopt-fused, ...); adam-fused is always "
-        f"added as the baseline. Known: {', '.join(e.name for e in OPTIMIZERS)}",
+        f"added as the baseline. Known: {', '.join(e.name for e in OPTIMIZERS)} "
+        "(default: %(default)s, all)",
     )
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed steps per optimizer in each round")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed steps after the first, in each round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--repeats", type=_positive(int), default=5,
+                        help="timed steps per optimizer in each round (default: %(default)s)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=2,
+                        help="untimed steps after the first, in each round (default: %(default)s)")
+    parser.add_argument("--rounds", type=_positive(int), default=3,
                         help="interleaved rounds: each builds every optimizer afresh and times "
-                             "it; medians are over all rounds' steps")
+                             "it; medians are over all rounds' steps (default: %(default)s)")
     parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every tensor size (e.g. 0.01 to try)"
+        "--scale", type=_positive(float), default=1.0,
+        help="multiply every tensor's size by this, > 0 (e.g. 0.01 to try; the plot and table "
+        "say so) (default: %(default)s)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.png")
+    parser.add_argument("--threads", type=_positive(int), default=None,
+                        help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--out", default="runs/bench",
+                        help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument(
         "--startup",
         action="store_true",
-        help="also time a fresh process to its first fused step on suite b, cold and warm cache",
+        help="also time a fresh process to its first fused step on suite b, cold and warm cache "
+        "(default: off)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none anyway when stderr is not a "
+                             "terminal)")
 
 
 def _select(patterns: str) -> list[Entry]:
@@ -561,7 +649,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.repeats, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit("--repeats and --rounds must be >= 1, --warmup >= 0")
     total = len(suites) * len(entries) * args.rounds
-    with tqdm(total=total, disable=args.no_progress, leave=False) as bar:
+    # a bar only on a terminal: in a log its carriage returns garble the lines
+    bar_off = args.no_progress or not sys.stderr.isatty()
+    with tqdm(total=total, disable=bar_off, leave=False) as bar:
         for suite in suites:
             report["suites"].append(
                 run_suite(
