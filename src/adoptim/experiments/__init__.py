@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "vae": "adoptim.experiments.vae",
     "gpt": "adoptim.experiments.gpt",
     "rl_sac": "adoptim.experiments.rl_sac",
+    "options": "adoptim.experiments.options",
     "transfer": "adoptim.experiments.transfer",
 }
 

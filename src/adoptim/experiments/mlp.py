@@ -55,6 +55,11 @@ LINESTYLES = {"adam": "-", "amsgrad": "--", "adashift": "-.", "adopt": "-", "ado
 DEFAULT_BETA2 = {"adopt": 0.9999, "adopt-noclip": 0.9999, "adoptw": 0.9999}  # others: 0.999
 
 
+def default_beta2(optimizer: str) -> float:
+    """The optimizer's own default beta2: 0.9999 for every ADOPT variant, 0.999 otherwise."""
+    return DEFAULT_BETA2.get(optimizer, 0.9999 if optimizer.startswith("adopt") else 0.999)
+
+
 @dataclass
 class MLPConfig:
     """One training run."""
@@ -109,7 +114,7 @@ def train(cfg: MLPConfig, ctx: RunContext | None = None) -> dict:
     data = load_dataset(cfg.dataset, cfg.data_path)
     seed_everything(cfg.seed)  # the one seeding block: model init; data order is batch_indices
     model = MLP(data.x_train.shape[1], cfg.hidden, data.n_classes)
-    beta2 = cfg.beta2 if cfg.beta2 is not None else DEFAULT_BETA2.get(cfg.optimizer, 0.999)
+    beta2 = cfg.beta2 if cfg.beta2 is not None else default_beta2(cfg.optimizer)
     opt = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, betas=(cfg.beta1, beta2))
     x_tr_eval = data.x_train[: cfg.train_eval_max]
     y_tr_eval = data.y_train[: cfg.train_eval_max]

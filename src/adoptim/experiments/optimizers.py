@@ -33,6 +33,10 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]
     "adopt": (ADOPT, {}, "adoptim.ADOPT, clipped (c_t = t^0.25), the paper's recommended form"),
     "adopt-noclip": (ADOPT, {"clip_lambda": None}, "adoptim.ADOPT without clipping"),
     "adoptw": (ADOPTW, {}, "adoptim.ADOPTW (decoupled weight decay)"),
+    "adopt-nesterov": (ADOPT, {"nesterov": True}, "adoptim.ADOPT(nesterov=True)"),
+    "adopt-caution": (ADOPT, {"caution": True}, "adoptim.ADOPT(caution=True), Liang et al. 2024"),
+    "adopt-nesterov-caution": (ADOPT, {"nesterov": True, "caution": True},
+                               "adoptim.ADOPT(nesterov=True, caution=True)"),
     "adashift": (_adashift, {}, "AdaShift (Zhou et al., ICLR 2019), see experiments.adashift"),
     "sgd": (torch.optim.SGD, {}, "torch.optim.SGD"),
 }
