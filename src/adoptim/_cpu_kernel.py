@@ -102,7 +102,11 @@ def fused_adopt(
     tracing rules), and those whose layout the kernel cannot walk as one flat array (rare:
     non-dense parameters).
     """
-    op = None if is_compiling() else load_kernel(build=True)
+    if is_compiling():
+        # The op has no tracing rules: under torch.compile the for-loop path runs, which
+        # Inductor fuses into one loop per tensor. Nothing here is traced (no cache lookups).
+        return list(range(len(params)))
+    op = load_kernel(build=True)
     if op is None and strict:  # fused=True: a failed build is an error, not a slow path
         failure = failure_message()
         if failure is not None:
@@ -110,14 +114,13 @@ def fused_adopt(
     if op is None:
         return list(range(len(params)))
 
-    lr = kwargs["lr"]
-    lr = lr.item() if isinstance(lr, Tensor) else float(lr)
+    lr = float(kwargs["lr"])  # one-element tensors (compile, capturable) are read here
     weight_decay, decouple = kwargs["weight_decay"], kwargs["decouple"]
     bounds, sq_weights, decays = call_scalars(
         state_steps,
         as_tensors=False,
         lr=lr,
-        beta2=kwargs["beta2"],
+        beta2=float(kwargs["beta2"]),
         weight_decay=weight_decay if decouple else 0.0,
         clip_exp=kwargs["clip_exp"],
         clip_fn=kwargs["clip_fn"],
@@ -170,8 +173,8 @@ def fused_adopt(
             [state_steps[i] for i in index],  # the kernel adds 1 to each
             scalars,
             lr,
-            kwargs["beta1"],
-            kwargs["beta2"],
+            float(kwargs["beta1"]),
+            float(kwargs["beta2"]),
             kwargs["eps"],
             weight_decay,
             weight_decay != 0 and not decouple,
@@ -179,5 +182,7 @@ def fused_adopt(
             scale,
             stochastic,
             seed,
+            kwargs["nesterov"],
+            kwargs["caution"],
         )
     return aside

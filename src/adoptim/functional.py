@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
-from adoptim import _cpu_kernel, _foreach, _forloop, _triton_kernel
+from adoptim import _cpu_kernel, _foreach, _forloop, _lowbit, _triton_kernel
 from adoptim._state import run_unfused
-from adoptim._utils import is_compiling
+from adoptim._utils import as_scalar, is_compiling
 
 __all__ = ["adopt"]
 
@@ -58,10 +59,14 @@ def adopt(
     weight_decay: float,
     decouple: bool,
     maximize: bool,
+    nesterov: bool = False,
+    caution: bool = False,
     fused: bool | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     stochastic_rounding: bool = False,
+    exp_avg_scales: list[Tensor | None] | None = None,
+    exp_avg_sq_scales: list[Tensor | None] | None = None,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
     in place. See :class:`ADOPT` for the algorithm and the arguments.
@@ -70,18 +75,28 @@ def adopt(
     and if ``found_inf`` is nonzero nothing changes, step counts included (one host read).
     Moments wider than their parameter (float32 state for bfloat16) make the update run in
     float32 and round the parameter once (``stochastic_rounding`` for bfloat16).
+    Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
+    moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim._lowbit`) and
+    take the same path as the others.
     """
     # The Triton kernel (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton) reads found_inf on
-    # the device; the other paths read it here.
+    # the device; the other paths read it here. It keeps float state only (no 8-bit).
     triton = _triton_kernel.selected(
         params, fused=fused, foreach=foreach, differentiable=differentiable
-    )
+    ) and not (exp_avg_scales is not None and any(s is not None for s in exp_avg_scales))
     if found_inf is not None and not triton and found_inf.item() != 0:
         return
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
+    as_tensors = capturable or differentiable or is_compiling()
+    lr, beta1, beta2 = (as_scalar(x, on_host=not as_tensors) for x in (lr, beta1, beta2))
+    if is_compiling() and not isinstance(lr, Tensor) and params:
+        # Dynamo specialises a float used as an op's number argument (alpha=-lr) or passed
+        # to torch.tensor(): every new value from a scheduler would recompile. Added to a
+        # tensor it stays a graph input, and the paths take the tensor-lr route.
+        lr = torch.zeros((), dtype=torch.float64, device=params[0].device) + lr
     kwargs = dict(
-        # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
-        scalars_as_tensors=capturable or differentiable or is_compiling(),
+        scalars_as_tensors=as_tensors,
         has_complex=has_complex,
         lr=lr,
         beta1=beta1,
@@ -92,9 +107,28 @@ def adopt(
         weight_decay=weight_decay,
         decouple=decouple,
         maximize=maximize,
+        nesterov=nesterov,
+        caution=caution,
         grad_scale=grad_scale,
         stochastic_rounding=stochastic_rounding,
     )
+    use_fused = fused is True or (
+        fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable)
+    )
+    if exp_avg_scales is not None and any(s is not None for s in exp_avg_scales):
+        quantized = [i for i, s in enumerate(exp_avg_scales) if s is not None]
+        use_foreach = foreach if foreach is not None else _default_foreach(params, differentiable)
+        _lowbit.adopt_8bit(
+            quantized, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs,
+            exp_avg_sq_scales, state_steps,
+            path="fused" if use_fused else "foreach" if use_foreach else "forloop",
+            strict=fused is True, **kwargs,
+        )  # fmt: skip
+        rest = [i for i, s in enumerate(exp_avg_scales) if s is None]
+        if not rest:
+            return
+        lists = tuple([seq[i] for i in rest] for seq in lists)
+        params = lists[0]
     if triton:
         # fused=True: a failed compile raises; under the default it warns and falls back.
         left = _triton_kernel.triton_adopt(
@@ -103,12 +137,9 @@ def adopt(
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
         lists = tuple([seq[i] for i in left] for seq in lists)  # layouts it cannot walk
-        params = lists[0]
-        foreach = _default_foreach(params, differentiable)
-        fused = False
-    if fused is True or (
-        fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable)
-    ):
+        foreach = _default_foreach(lists[0], differentiable)
+        use_fused = False
+    if use_fused:
         # fused=True asked for the kernel: a failed build raises instead of falling back.
         left = _cpu_kernel.fused_adopt(*lists, strict=fused is True, **kwargs)
         if left:  # the kernel is still being built, or cannot walk these tensors

@@ -34,11 +34,21 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
-def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
-    """Raise ValueError unless ``low <= value`` (and ``value < high`` when high is given)."""
+def _check_range(
+    name: str, value: Any, low: float, high: float | None = None, *, short: str | None = None
+) -> None:
+    """Raise ValueError unless ``low <= value`` (and ``value < high`` when high is given).
+
+    Messages read like torch's ("Invalid learning rate: ...", "Tensor lr must be 1-element")
+    so that code matching torch's messages keeps working. A tensor must have one element; any
+    shape (``[]``, ``[1]``, ``[1, 1]``) is accepted and used as a scalar.
+    """
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor {name} must have one element")
+            raise ValueError(
+                f"Tensor {short or name} must be 1-element: {name} must be a number or a "
+                f"tensor with one element (of any shape), got shape {tuple(value.shape)}"
+            )
         value = value.item()
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__}")
@@ -46,6 +56,27 @@ def _check_range(name: str, value: Any, low: float, high: float | None = None) -
     if not ok:
         accepted = f"[{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"Invalid {name}: {value} (accepted: {accepted})")
+
+
+def _check_betas(betas: Any) -> None:
+    """betas must be a pair (beta1, beta2) of numbers (or one-element tensors) in [0, 1)."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)):
+        raise TypeError(
+            f"Invalid betas: expected a pair (beta1, beta2) such as (0.9, 0.9999), got "
+            f"{betas!r}"
+        )
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, short="beta1")
+    _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, short="beta2")
+
+
+def _callable_name(fn: Callable | None) -> str | None:
+    if fn is None:
+        return None
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
 
 
 class ADOPT(Optimizer):
@@ -76,10 +107,13 @@ class ADOPT(Optimizer):
             NaN (as in ``torch.optim.Adam`` with ``eps=0``); keep it positive.
         clip_lambda: the clip schedule c_t. A number p or :class:`PowerClip` (default
             ``t ** 0.25``) is stored in ``state_dict()`` as the group's ``clip_exp``; ``None``
-            turns clipping off; any other callable ``step -> bound`` works as in torch-adopt
-            but is *not* saved in ``state_dict()`` (pass it again when you rebuild the
-            optimizer). It is called with the step as a Python number, or as a tensor under
-            ``torch.compile``/``capturable``/``differentiable``.
+            turns clipping off; any other callable ``step -> bound`` works as in torch-adopt.
+            A callable's code cannot be saved: ``state_dict()`` records only its name (the
+            group's ``clip_custom``), and ``load_state_dict`` refuses such a checkpoint in an
+            optimizer built without a callable (it would run unclipped); build the optimizer
+            with the same ``clip_lambda`` again, then load. It is called with the step as a
+            Python number, or as a tensor under ``torch.compile``/``capturable``/
+            ``differentiable``.
         weight_decay: >= 0 (default 0).
         decouple: False adds ``weight_decay * theta`` to the gradient on every call (L2, so
             it enters v); True multiplies theta by ``1 - lr * weight_decay`` on the calls that
@@ -100,9 +134,27 @@ class ADOPT(Optimizer):
             float32 for bfloat16/float16 parameters (in bfloat16, v cannot move at
             beta2 = 0.9999) and in the parameter's dtype otherwise; ``"float32"`` is the same;
             ``"param"`` always uses the parameter's dtype. With float32 state every path
-            computes the update in float32 and rounds the parameter once.
+            computes the update in float32 and rounds the parameter once. ``"8bit"`` keeps m
+            and v as 8-bit codes with one float32 scale per block of 256 elements (2.03
+            bytes per element instead of 8; Dettmers et al. 2021) for float32, bfloat16,
+            float16 and complex64 tensors with at least ``min_8bit_size`` elements; the
+            others keep ``"auto"``'s state. The update runs in float32 and the moments are
+            requantized with unbiased stochastic rounding; format, measurements and speed:
+            ``docs/lowbit.md``. Use :meth:`moments` to read them as float32.
         stochastic_rounding: round bfloat16 parameters stochastically when writing them back
             from a float32 update (unbiased, so updates below half an ulp are not lost).
+        nesterov: apply ``u = beta1 * m + (1 - beta1) * n`` (with the new ``m``) instead of
+            ``m``: Nesterov-style momentum on the normalised gradient, as optax's ``adopt``
+            offers with ``nesterov=True``. The stored ``m`` is unchanged by it.
+        caution: the cautious update of Liang et al. 2024 ("Cautious Optimizers: Improving
+            Training with One Line of Code", arXiv 2411.16085): zero the coordinates of the
+            update ``u`` whose sign disagrees with the gradient, and rescale the rest by the
+            fraction kept, ``u = u * mask / max(mean(mask), 1e-3)`` with ``mask = [u * g > 0]``
+            over each tensor (as timm's and pytorch_optimizer's ADOPT do). The stored ``m``
+            is unchanged by it. With both, the mask applies to the Nesterov update.
+        min_8bit_size: with ``state_dtype="8bit"``, tensors with fewer (real) elements keep
+            float32 state (default 4096, the threshold bitsandbytes and torchao use: small
+            tensors hold little memory, and biases and norms are the most sensitive).
 
     Example::
 
@@ -139,13 +191,13 @@ class ADOPT(Optimizer):
         fused: bool | None = None,
         state_dtype: str | torch.dtype | None = "auto",
         stochastic_rounding: bool = False,
+        nesterov: bool = False,
+        caution: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
-        _check_range("learning rate (lr)", lr, 0.0)
+        _check_range("learning rate", lr, 0.0, short="lr")
         _check_range("epsilon value (eps)", eps, 0.0)
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: expected (beta1, beta2), got {betas!r}")
-        _check_range("beta parameter at index 0 (beta1)", betas[0], 0.0, 1.0)
-        _check_range("beta parameter at index 1 (beta2)", betas[1], 0.0, 1.0)
+        _check_betas(betas)
         _check_range("weight_decay value", weight_decay, 0.0)
         state_dtype = _state.resolve_state_dtype(state_dtype)
         if fused:
@@ -161,6 +213,9 @@ class ADOPT(Optimizer):
             betas=betas,
             eps=eps,
             clip_exp=clip_exp,
+            # The name of a custom clip callable (its code is not saved): loading refuses to
+            # run such a checkpoint unclipped in an optimizer that has no callable.
+            clip_custom=_callable_name(self.clip_lambda),
             weight_decay=weight_decay,
             decouple=decouple,
             foreach=foreach,
@@ -170,8 +225,12 @@ class ADOPT(Optimizer):
             fused=fused,
             state_dtype=state_dtype,
             stochastic_rounding=bool(stochastic_rounding),
+            nesterov=bool(nesterov),
+            caution=bool(caution),
+            min_8bit_size=_state.check_min_8bit_size(min_8bit_size),
         )
         super().__init__(params, defaults)
+        _state.check_8bit_groups(self.param_groups, fused=fused)
         if fused:
             all_params = [p for group in self.param_groups for p in group["params"]]
             # CUDA/ROCm parameters (or CPU ones under ADOPTIM_FUSED_BACKEND=triton): Triton.
@@ -204,6 +263,7 @@ class ADOPT(Optimizer):
         for group in self.param_groups:
             # State dicts from torch-adopt have none of these keys; its default clip is t**0.25.
             group.setdefault("clip_exp", clip_exp)
+            group.setdefault("clip_custom", None)
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
             group.setdefault("capturable", False)
@@ -211,6 +271,9 @@ class ADOPT(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("state_dtype", "auto")
             group.setdefault("stochastic_rounding", False)
+            group.setdefault("nesterov", False)
+            group.setdefault("caution", False)
+            group.setdefault("min_8bit_size", 4096)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ADOPT, ADOPTW or torch-adopt's ADOPT.
@@ -228,15 +291,45 @@ class ADOPT(Optimizer):
         # optimizer's flags (torch would take the saved ones), so a state dict saved with
         # foreach=True loads into a for-loop or fused optimizer and runs there.
         kept = [{k: g[k] for k in _PATH_FLAGS if k in g} for g in self.param_groups]
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         _state.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
         for group, flags in zip(self.param_groups, kept):
             group.update(flags)
             for p in group["params"]:  # `step` on the device only when capturable
-                step = self.state.get(p, {}).get("step")
-                if isinstance(step, Tensor):
+                state = self.state.get(p, {})
+                if "step" in state:  # a tensor, or a number in older or foreign checkpoints
                     device = p.device if group["capturable"] else torch.device("cpu")
-                    self.state[p]["step"] = step.to(device=device, dtype=torch.float32)
+                    state["step"] = torch.as_tensor(
+                        state["step"], dtype=torch.float32, device=device
+                    ).reshape(())
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state dict that would fail later or silently change the run: moments of
+        another shape (another model), or a custom clip schedule this optimizer lacks."""
+        saved_groups = state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for pi, (p, pid) in enumerate(zip(group["params"], saved.get("params", []))):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = saved_state.get(pid, {}).get(key)
+                    if "exp_avg_scale" in saved_state.get(pid, {}):
+                        continue  # 8-bit codes are flat; _state checks their size
+                    if isinstance(value, Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"loaded state dict does not match this optimizer's parameters: "
+                            f"group {gi}, parameter {pi} has shape {tuple(p.shape)}, but its "
+                            f"saved {key!r} has shape {tuple(value.shape)} (a state dict "
+                            "from another model?)"
+                        )
+            custom = saved.get("clip_custom")
+            if custom and saved.get("clip_exp") is None and self.clip_lambda is None:
+                raise ValueError(
+                    f"loaded state dict was saved with a custom clip schedule "
+                    f"(clip_lambda={custom}) in param group {gi}, which a state dict cannot "
+                    "hold; this optimizer has none, so it would run unclipped. Build the "
+                    "optimizer with the same clip_lambda callable, then load."
+                )
 
     @classmethod
     def from_adam(cls, adam: Optimizer, *, exp_avg: str = "normalized", **overrides: Any):
@@ -281,9 +374,11 @@ class ADOPT(Optimizer):
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        scales: tuple[list, list] | None = None,
     ) -> bool:
         """Collect the tensors that have a gradient on this call, creating state on first
-        sight; return whether any of them is complex."""
+        sight; return whether any of them is complex. ``scales`` collects the block scales
+        of 8-bit moments (None for the others)."""
         has_complex = False
         for p in group["params"]:
             if p.grad is None:
@@ -300,13 +395,7 @@ class ADOPT(Optimizer):
                 # device sync (as in torch.optim.Adam).
                 step_device = p.device if group["capturable"] else torch.device("cpu")
                 state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-                state_dtype = _state.state_dtype_for(p, group["state_dtype"])
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=state_dtype, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=state_dtype, memory_format=torch.preserve_format
-                )
+                state.update(_state.new_state(p, group))  # float or 8-bit moments
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`step` must not require grad in differentiable mode")
             params.append(p)
@@ -314,6 +403,9 @@ class ADOPT(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            if scales is not None:
+                scales[0].append(state.get("exp_avg_scale"))
+                scales[1].append(state.get("exp_avg_sq_scale"))
         return has_complex
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -334,8 +426,9 @@ class ADOPT(Optimizer):
                 exp_avgs: list[Tensor] = []
                 exp_avg_sqs: list[Tensor] = []
                 state_steps: list[Tensor] = []
+                scales: tuple[list, list] = ([], [])
                 has_complex = self._init_group(
-                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps
+                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales
                 )
                 if not params:
                     continue
@@ -364,8 +457,19 @@ class ADOPT(Optimizer):
                     weight_decay=group["weight_decay"],
                     decouple=group["decouple"],
                     maximize=group["maximize"],
+                    nesterov=group["nesterov"],
+                    caution=group["caution"],
+                    exp_avg_scales=scales[0],
+                    exp_avg_sq_scales=scales[1],
                 )
         return loss
+
+    def moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``(m, v)`` of parameter ``p`` as new float32 tensors shaped like it (complex64 for
+        complex parameters), whatever the state format (8-bit codes are dequantized): for
+        logging, debugging and conversion. Zeros before ``p``'s first step; writing to them
+        does not change the optimizer."""
+        return _state.moments(self.state.get(p, {}), p)
 
 
 class ADOPTW(ADOPT):
@@ -391,6 +495,9 @@ class ADOPTW(ADOPT):
         fused: bool | None = None,
         state_dtype: str | torch.dtype | None = "auto",
         stochastic_rounding: bool = False,
+        nesterov: bool = False,
+        caution: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -407,4 +514,7 @@ class ADOPTW(ADOPT):
             fused=fused,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            nesterov=nesterov,
+            caution=caution,
+            min_8bit_size=min_8bit_size,
         )
