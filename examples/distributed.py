@@ -6,10 +6,13 @@ torch.distributed.checkpoint (DCP).
 
 Uses gloo on CPU and nccl on CUDA (one GPU per process). ADOPT's state is elementwise, so with
 FSDP2 each rank keeps the moments of its own shard (as DTensors) and nothing else changes.
+The checkpoint goes to a temporary folder that is deleted at the end; a real job would pass
+a lasting one as ``checkpoint_id``.
 """
 
 import gc
 import os
+import shutil
 import sys
 import tempfile
 
@@ -59,8 +62,11 @@ def main() -> None:
         if step % 5 == 0 and rank == 0:
             print(f"[{mode}] step {step:2d}  loss {loss.item():.4f}")
 
-    # Sharded checkpoint of model and optimizer (each rank writes its part).
-    ckpt = os.path.join(tempfile.gettempdir(), f"adoptim_example_{mode}")
+    # Sharded checkpoint of model and optimizer (each rank writes its part), in one folder
+    # that rank 0 creates and names for everyone.
+    ckpt = [tempfile.mkdtemp(prefix=f"adoptim_example_{mode}_") if rank == 0 else None]
+    dist.broadcast_object_list(ckpt, src=0)
+    ckpt = ckpt[0]
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
     # ... and back (here into the same objects; a resumed job would build fresh ones).
@@ -70,7 +76,10 @@ def main() -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if rank == 0:
         print(f"[{mode}] saved and reloaded a DCP checkpoint in {ckpt}")
-    dist.barrier()
+    dist.barrier()  # every rank has read it back: now it can go
+    if rank == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        print(f"[{mode}] removed {ckpt}")
     del model, opt  # before the process group: gloo can abort at exit while they linger
     gc.collect()
     dist.destroy_process_group()

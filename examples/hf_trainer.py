@@ -1,6 +1,6 @@
 """ADOPT with the Hugging Face ``Trainer``: pass it (and a scheduler) as ``optimizers=``.
 
-    pip install transformers accelerate
+    pip install "adoptim[integrations]"   # transformers and accelerate (and Lightning)
     python examples/hf_trainer.py
 
 A tiny regression model stands in for a transformer, so nothing is downloaded; with a real

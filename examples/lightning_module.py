@@ -1,6 +1,6 @@
 """ADOPT in PyTorch Lightning: return it from ``configure_optimizers``.
 
-pip install lightning
+pip install "adoptim[integrations]"   # Lightning (and transformers, accelerate)
 python examples/lightning_module.py
 """
 

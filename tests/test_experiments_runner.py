@@ -268,3 +268,86 @@ def test_load_results_filters_by_sweep(tmp_path):
     only = load_results(tmp_path, [Cfg(seed=1, steps=2)])
     assert [r["config"]["seed"] for r in only] == [1]
     assert load_results(tmp_path, [Cfg(seed=1)]) == []  # same seed, other config
+
+
+# ----------------------------------------------------------------------------- saying what happened
+def test_a_second_sweep_says_it_reused_the_finished_runs(tmp_path, capsys):
+    sweep = [Cfg(seed=0), Cfg(seed=1)]
+    run_sweep(sweep, tmp_path, _train, name="exp", progress=False)
+    assert "reused" not in capsys.readouterr().out  # nothing to reuse the first time
+    run_sweep(sweep, tmp_path, _train, name="exp", progress=False)
+    assert f"[exp] reused 2 finished runs (delete {tmp_path} to rerun)" in capsys.readouterr().out
+    run_sweep([*sweep, Cfg(seed=2)], tmp_path, _train, name="exp", progress=False)
+    assert "[exp] reused 2 finished runs, 1 to run" in capsys.readouterr().out
+    run_sweep([Cfg(seed=2)], tmp_path, _train, name="exp", progress=False)
+    assert "[exp] reused 1 finished run (" in capsys.readouterr().out
+
+
+def test_reproduce_twice_says_the_second_reused_the_runs(tmp_path, monkeypatch, capsys):
+    def run(sweep, out, progress=True):
+        run_sweep(sweep, out, _train, name="fake", progress=progress)
+
+    def report(sweep, out):
+        return Report(out, "fake").write()
+
+    fake = Experiment("fake", "a fake experiment", lambda: [Cfg(steps=1), Cfg(seed=1)],
+                      lambda: [Cfg(steps=2)], run, report)
+    monkeypatch.setitem(REGISTRY, "fake", "unused.module")
+    monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
+    from adoptim.cli import main
+
+    args = ["reproduce", "fake", "--quick", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert main(args) == 0
+    assert (f"[fake] reused 2 finished runs (delete {tmp_path / 'quick' / 'fake'} to rerun)"
+            in capsys.readouterr().out)
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    # under pytest's capture stderr is not a terminal, as in a log file or CI
+    run_sweep([Cfg(seed=0, steps=50), Cfg(seed=1, steps=50)], tmp_path, _train, name="exp",
+              progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "it/s" not in captured.err  # no bar redrawn in place
+    lines = captured.out.splitlines()
+    assert [line.split(" done")[0] for line in lines] == ["[exp] run 1/2", "[exp] run 2/2"]
+
+
+def test_progress_bars_on_a_terminal(tmp_path, monkeypatch):
+    from adoptim.experiments import runner
+
+    monkeypatch.setattr(runner.sys.stderr, "isatty", lambda: True, raising=False)
+    assert runner.progress_bars(True) and not runner.progress_bars(False)
+    monkeypatch.setattr(runner.sys.stderr, "isatty", lambda: False, raising=False)
+    assert not runner.progress_bars(True)
+
+
+def test_one_seed_shows_no_spread():
+    from adoptim.experiments.runner import curve_label, fmt_mean_std, fmt_range, plural, tail_label
+
+    one, two = summarize([36.0]), summarize([36.0, 38.0])
+    assert fmt_mean_std(one) == "36.00 (1 seed)" and "±" not in fmt_mean_std(one)
+    assert fmt_mean_std(two) == "37.00 ± 1.41"
+    assert fmt_range(one) == "1 seed" and fmt_range(two, 1) == "[36.0, 38.0]"
+    assert fmt_mean_std(summarize([]), 2) == "n/a"
+    assert curve_label("adam", 1) == "adam (1 seed)"
+    assert curve_label("adam", 3) == "adam (mean of 3 seeds)"
+    assert plural(1, "seed") == "1 seed" and plural(2, "seed") == "2 seeds"
+    assert tail_label("train loss", 30) == "train loss, mean of all 30 steps"
+    assert tail_label("train loss", 3000) == "train loss, last 50 steps"
+
+
+def test_reproduce_help_and_readme_give_the_same_times(capsys):
+    from pathlib import Path
+
+    from adoptim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    for profile, time_text in reproduce_mod.PROFILE_TIMES.items():
+        assert time_text in help_text, profile
+        assert f"--{profile}" in readme and time_text in readme, profile
+    assert "a few minutes" not in help_text and "one CPU core" not in help_text

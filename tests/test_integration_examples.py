@@ -1,6 +1,6 @@
 """The snippets of docs/integrations.md live in examples/; these tests run them so they stay
 correct. Optional libraries (Lightning, Hugging Face transformers) are skipped with a reason
-when absent; they are not dependencies of adoptim."""
+when absent; they are not dependencies of adoptim (the ``integrations`` extra installs them)."""
 
 from __future__ import annotations
 
@@ -45,16 +45,20 @@ def _run(args: list[str], timeout: float = 240) -> str:
 
 
 def test_lightning_configure_optimizers_example():
-    pytest.importorskip("lightning", reason="Lightning is not installed (pip install lightning)")
+    pytest.importorskip(
+        "lightning", reason='Lightning is not installed (pip install "adoptim[integrations]")'
+    )
     final = _load("lightning_module").main()
     assert final < 5.0  # from about 10: ADOPT trained the LightningModule
 
 
 def test_hf_trainer_optimizers_example():
     pytest.importorskip(
-        "transformers", reason="transformers is not installed (pip install transformers)"
+        "transformers", reason='transformers is not installed (pip install "adoptim[integrations]")'
     )
-    pytest.importorskip("accelerate", reason="Trainer needs accelerate (pip install accelerate)")
+    pytest.importorskip(
+        "accelerate", reason='Trainer needs accelerate (pip install "adoptim[integrations]")'
+    )
     final = _load("hf_trainer").main()
     assert final < 5.0
 
@@ -90,3 +94,6 @@ def test_distributed_example(mode):
         timeout=120,
     )
     assert "saved and reloaded a DCP checkpoint" in out
+    # and it cleans up after itself: no checkpoint folder left in the temporary directory
+    ckpt = out.split("saved and reloaded a DCP checkpoint in ", 1)[1].split()[0]
+    assert f"removed {ckpt}" in out and not Path(ckpt).exists()

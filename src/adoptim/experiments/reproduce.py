@@ -1,13 +1,15 @@
 """``adoptim reproduce``: run the registered experiments and write their reports.
 
-    adoptim reproduce --quick            # every experiment, small profile (a few minutes, 2 CPUs)
-    adoptim reproduce --full             # the larger profile (about 1.5 hours, one run at a time)
+    adoptim reproduce --quick            # every experiment, small profile (about a minute)
+    adoptim reproduce --full             # the larger profiles (the paper's: about 1.5 hours)
     adoptim reproduce toy mlp --out DIR  # only some experiments
     adoptim reproduce --full toy --report-only --publish docs/results/part1   # copy results out
 
-Each experiment writes under ``OUT/<profile>/<name>/`` (runs, metrics, ``report.md``, PNGs);
-an index linking them is written to ``OUT/<profile>/README.md``. Running again resumes: runs
-that finished are skipped. An experiment whose data is not on this machine is skipped with
+Runs go one at a time, each on one torch thread (``ADOPTIM_THREADS`` to change it); the times
+are :data:`PROFILE_TIMES`, measured on this project's 2-core machine. Each experiment writes
+under ``OUT/<profile>/<name>/`` (runs, metrics, ``report.md``, PNGs); an index linking them is
+written to ``OUT/<profile>/README.md``. Running again resumes: runs that finished are reused
+(and the runner says how many). An experiment whose data is not on this machine is skipped with
 the reason (and how to get the data), the others still run, and the exit status is 1.
 """
 
@@ -23,7 +25,16 @@ from adoptim.experiments import REGISTRY, get_experiment
 from adoptim.experiments.data import DataUnavailableError
 from adoptim.experiments.runner import load_results
 
-__all__ = ["add_arguments", "reproduce", "run"]
+__all__ = ["PAPER", "PROFILE_TIMES", "add_arguments", "reproduce", "run"]
+
+# Measured on this project's 2-core CPU machine (one run at a time, one torch thread each):
+# quick, `time adoptim reproduce --quick` from an empty folder: 55 s of CPU time for the
+# paper's experiments and 12 s for transfer and options (measured on a busy machine; on an
+# idle one the wall time is about the CPU time); full, the paper's experiments only: the sum
+# of the recorded wall times of their published full-profile runs (docs/results/*/runs.json,
+# 89 min). The README says the same (a test checks it).
+PAPER = ("toy", "mlp", "lr_sweep", "resnet", "vae", "gpt", "rl_sac")
+PROFILE_TIMES = {"quick": "about a minute", "full": "about 1.5 hours for the paper's experiments"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"experiments to run (default: all of {', '.join(REGISTRY)})")
     profile = parser.add_mutually_exclusive_group()
     profile.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                         help="small profile, a few minutes on 2 CPU cores (default)")
+                         help=f"small profile, {PROFILE_TIMES['quick']} (default)")
     profile.add_argument("--full", dest="profile", action="store_const", const="full",
-                         help="larger profile (about 1.5 hours on one CPU core)")
+                         help=f"the larger profiles, resumable: {PROFILE_TIMES['full']} "
+                              f"({', '.join(PAPER)}: the results in docs/results); the others "
+                              "say their time in their module's docstring")
     parser.set_defaults(profile="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"),
                         help="output folder (default ./runs/reproduce)")
@@ -42,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish", type=Path, metavar="DIR",
                         help="also copy each report, its plots and every run's config and "
                              "result (runs.json) to DIR/<name>/ (for committing results)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress (bars on a terminal, otherwise one line per run)")
 
 
 def publish(exp_dir: Path, sweep, dest: Path) -> None:
