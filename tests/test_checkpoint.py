@@ -166,6 +166,87 @@ def test_deepcopy_and_pickle_continue_identically(how):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+# Param groups as lists of (dtype, shape[, _NO_GRAD]); _NO_GRAD: never has a gradient, so it
+# has no state. Full-precision parameters come before, between and after low-precision ones.
+_F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+_NO_GRAD = "no grad"
+_MIXED_GROUPS = {
+    "f32 first": [[(_F32, (3,)), (_BF16, (5, 2)), (_F32, (7,)), (_F16, (4,))]],
+    "same shapes": [[(_F32, (4,)), (_F16, (4,)), (_F64, (4,)), (_BF16, (4,)), (_F32, (4,))]],
+    "low last": [[(_F64, (2, 3)), (_F32, (6,)), (_BF16, (3, 2)), (_F16, (6,))]],
+    "no-grad before low": [
+        [(_F32, (2,), _NO_GRAD), (_BF16, (3,)), (_F16, (2,), _NO_GRAD), (_F32, (5,)), (_BF16, (2,))]
+    ],
+    "two groups": [
+        [(_F32, (3,)), (_F32, (2, 2))],
+        [(_F16, (3,)), (_F32, (5,)), (_BF16, (2, 2)), (_F64, (1,))],
+    ],
+}
+
+
+def _mixed_optimizer(groups, state_dtype, seed):
+    """ADOPT over fresh parameters laid out as ``groups``; returns (optimizer, [(param,
+    spec)] in order)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [
+        [torch.randn(spec[1], generator=gen).to(spec[0]).requires_grad_() for spec in group]
+        for group in groups
+    ]
+    opt = ADOPT(
+        [{"params": ps} for ps in params],
+        lr=1e-2,
+        state_dtype=state_dtype,
+        foreach=False,
+        fused=False,
+    )
+    return opt, [(p, spec) for ps, group in zip(params, groups) for p, spec in zip(ps, group)]
+
+
+def _set_grads(flat, make):
+    for p, spec in flat:
+        p.grad = None if _NO_GRAD in spec else make(p)
+
+
+@pytest.mark.parametrize("state_dtype", ["auto", "float32"])
+@pytest.mark.parametrize("layout", list(_MIXED_GROUPS))
+def test_load_restores_each_parameters_own_float32_state_in_mixed_groups(layout, state_dtype):
+    """torch's load_state_dict casts the moments to the parameter's dtype; the float32
+    moments of bfloat16/float16 parameters are then taken again from the saved tensors. Each
+    parameter must get its own (shape and values), whatever the order of full- and
+    low-precision parameters, and of parameters without state, around it."""
+    groups = _MIXED_GROUPS[layout]
+    opt, flat = _mixed_optimizer(groups, state_dtype, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        _set_grads(flat, lambda p: torch.randn(p.shape, generator=gen).to(p.dtype))
+        opt.step()
+    ckpt = _roundtrip(opt.state_dict())
+
+    opt_b, flat_b = _mixed_optimizer(groups, state_dtype, seed=2)
+    opt_b.load_state_dict(ckpt)
+    for (p, spec), (q, _) in zip(flat, flat_b):
+        if _NO_GRAD in spec:
+            assert len(opt_b.state.get(q, {})) == 0, spec
+            continue
+        low = p.dtype in (torch.bfloat16, torch.float16)
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, want = opt_b.state[q][key], opt.state[p][key]
+            assert got.dtype == (torch.float32 if low else p.dtype), (key, spec)
+            assert got.shape == p.shape, (key, spec)
+            assert torch.equal(got, want), (key, spec)
+        assert float(opt_b.state[q]["step"]) == 3
+
+    # Both continue alike: with no weight decay the moments do not depend on theta.
+    _set_grads(flat, torch.ones_like)
+    _set_grads(flat_b, torch.ones_like)
+    opt.step()
+    opt_b.step()
+    for (p, spec), (q, _) in zip(flat, flat_b):
+        if _NO_GRAD not in spec:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_b.state[q][key], opt.state[p][key]), (key, spec)
+
+
 def test_adam_state_dict_is_refused_with_a_clear_message():
     model = make_model()
     adam = torch.optim.Adam(model.parameters())

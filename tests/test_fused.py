@@ -478,6 +478,85 @@ def test_stochastic_rounding_keeps_small_updates(path, request):
     assert set(sr.unique().tolist()) <= {1.0, 1.0 - 2**-8}
 
 
+def _binomial_bounds(n: int, p: float, tail: float = 1e-10) -> tuple[int, int]:
+    """The narrowest [lo, hi] holding a Binomial(n, p) count but for `tail` on each side."""
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    lo, below = 0, 0.0
+    while below + pmf[lo] < tail:
+        below += pmf[lo]
+        lo += 1
+    hi, above = n, 0.0
+    while above + pmf[hi] < tail:
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
+SR_PATHS = {
+    **PATHS,
+    # bfloat16 moments: the kernel still computes in float32 and rounds stochastically ...
+    "fused, bf16 state": {"fused": True, "state_dtype": "param"},
+    # ... the other paths update the bfloat16 parameter in place, rounding to nearest.
+    "forloop, bf16 state": {"foreach": False, "fused": False, "state_dtype": "param"},
+    "foreach, bf16 state": {"foreach": True, "fused": False, "state_dtype": "param"},
+}
+_SR_IGNORED = pytest.mark.xfail(
+    strict=True,
+    reason="bug: with state_dtype='param' (bfloat16 moments) the for-loop and foreach paths "
+    "ignore stochastic_rounding=True (run_unfused only rounds parameters it widened to "
+    "float32), while the fused kernel rounds stochastically: the paths give different results",
+)
+_SR_IGNORED_ON = ("forloop, bf16 state", "foreach, bf16 state")
+_SR_PARAMS = [
+    pytest.param(name, id=name, marks=_SR_IGNORED if name in _SR_IGNORED_ON else ())
+    for name in SR_PATHS
+]
+
+
+@pytest.mark.parametrize("path", _SR_PARAMS)
+def test_stochastic_rounding_unbiased_for_every_element_over_many_steps(path, request):
+    """Each step's float32 update is a quarter of an ulp, the same for every element. With
+    fresh rounding noise on every step, for every element and every tensor, each element
+    moves one ulp on a step with probability 1/4, independently: after N steps it has moved
+    a Binomial(N, 1/4) number of ulps. Noise reused from step to step keeps the overall mean
+    right while most elements never move (and the others move every step); noise shared
+    between elements, or between the tensors of one kernel call, moves them in lockstep."""
+    if path.startswith("fused"):
+        request.getfixturevalue("kernel")
+        request.getfixturevalue("no_forloop")
+    torch.manual_seed(0)
+    ulp, steps, n, p_move = 2.0**-7, 256, 2048, 0.25  # bf16's ulp on [1, 2)
+    # Every bf16 value on [1.875, 2): after at most ~110 ulps down they are still in [1, 2).
+    start = 1.875 + ulp * (torch.arange(n) % 16).float()
+    params = [start.to(torch.bfloat16).requires_grad_() for _ in range(2)]  # one kernel call
+    # beta1 = 0, g = 1 and v = 1 (beta2 = 0.5 keeps it there): m = 1, the update is exactly lr.
+    opt = ADOPT(
+        params, lr=p_move * ulp, betas=(0.0, 0.5), stochastic_rounding=True, **SR_PATHS[path]
+    )
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # the first call only sets v = g*g
+    for _ in range(steps):
+        opt.step()
+    moves = [(start - p.detach().float()) / ulp for p in params]  # in ulps, per element
+    k_all = torch.cat(moves)
+    lo, hi = _binomial_bounds(steps, p_move)
+    outside = k_all[(k_all < lo) | (k_all > hi)]
+    assert outside.numel() == 0, (
+        f"{outside.numel()} of {k_all.numel()} elements moved a number of ulps outside "
+        f"[{lo}, {hi}] in {steps} steps (expected {steps * p_move:.0f} each); e.g. "
+        f"{outside.unique()[:8].tolist()}"
+    )
+    assert torch.equal(k_all, k_all.round())  # on the grid: all stayed in [1, 2)
+    mean, sd = steps * p_move, math.sqrt(steps * p_move * (1 - p_move))
+    # The spread across elements is the binomial one (elements in lockstep: ~0).
+    assert 0.9 < k_all.std().item() / sd < 1.1
+    # The two tensors rounded in one call, each with its own noise: uncorrelated.
+    corr = torch.corrcoef(torch.stack(moves))[0, 1].item()
+    assert abs(corr) < 0.15, f"the two tensors' moves are correlated ({corr:.2f})"
+    assert abs(k_all.mean().item() - mean) < 6 * sd / math.sqrt(k_all.numel())
+
+
 # --------------------------------------------------------------------------------------------
 # Where the kernel cannot run: fused=True raises (at construction), fused=None falls back
 
