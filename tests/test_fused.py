@@ -494,26 +494,15 @@ def _binomial_bounds(n: int, p: float, tail: float = 1e-10) -> tuple[int, int]:
 
 SR_PATHS = {
     **PATHS,
-    # bfloat16 moments: the kernel still computes in float32 and rounds stochastically ...
+    # bfloat16 moments: every path still computes in float32 and rounds the parameter
+    # stochastically (the unfused ones on float32 copies, as the kernel does in registers).
     "fused, bf16 state": {"fused": True, "state_dtype": "param"},
-    # ... the other paths update the bfloat16 parameter in place, rounding to nearest.
     "forloop, bf16 state": {"foreach": False, "fused": False, "state_dtype": "param"},
     "foreach, bf16 state": {"foreach": True, "fused": False, "state_dtype": "param"},
 }
-_SR_IGNORED = pytest.mark.xfail(
-    strict=True,
-    reason="bug: with state_dtype='param' (bfloat16 moments) the for-loop and foreach paths "
-    "ignore stochastic_rounding=True (run_unfused only rounds parameters it widened to "
-    "float32), while the fused kernel rounds stochastically: the paths give different results",
-)
-_SR_IGNORED_ON = ("forloop, bf16 state", "foreach, bf16 state")
-_SR_PARAMS = [
-    pytest.param(name, id=name, marks=_SR_IGNORED if name in _SR_IGNORED_ON else ())
-    for name in SR_PATHS
-]
 
 
-@pytest.mark.parametrize("path", _SR_PARAMS)
+@pytest.mark.parametrize("path", list(SR_PATHS))
 def test_stochastic_rounding_unbiased_for_every_element_over_many_steps(path, request):
     """Each step's float32 update is a quarter of an ulp, the same for every element. With
     fresh rounding noise on every step, for every element and every tensor, each element

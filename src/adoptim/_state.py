@@ -252,21 +252,35 @@ def run_unfused(
     * ``grad_scale`` (from a GradScaler): gradients are divided by it first;
     * parameters whose moments are wider than they are (float32 state for bfloat16/float16):
       the step runs on float32 copies of the parameter and gradient, and the result is
-      rounded back once, as the kernel does. No master copy is kept between steps.
+      rounded back once, as the kernel does. No master copy is kept between steps;
+    * bfloat16 parameters with bfloat16 state and ``stochastic_rounding``: the step runs on
+      float32 copies of all four, the moments are rounded back to nearest and the parameter
+      stochastically, as the kernel does (which computes in float32 whatever the state).
     """
     if grad_scale is not None:
         grads = [g / grad_scale.to(g.device) for g in grads]
-    widen = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if m.dtype != p.dtype]
+    widen = [
+        i
+        for i, (p, m) in enumerate(zip(params, exp_avgs))
+        if m.dtype != p.dtype or (stochastic_rounding and p.dtype == torch.bfloat16)
+    ]
     if not widen:
         func(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
         return
     work_params, work_grads = list(params), list(grads)
+    work_m, work_v = list(exp_avgs), list(exp_avg_sqs)
+    narrow = [i for i in widen if exp_avgs[i].dtype == params[i].dtype]  # bf16 state + SR
     for i in widen:
-        work_params[i] = params[i].to(exp_avgs[i].dtype)
-        work_grads[i] = grads[i].to(exp_avgs[i].dtype)
-    func(work_params, work_grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+        work_params[i] = params[i].to(torch.float32)
+        work_grads[i] = grads[i].to(torch.float32)
+    for i in narrow:
+        work_m[i], work_v[i] = exp_avgs[i].float(), exp_avg_sqs[i].float()
+    func(work_params, work_grads, work_m, work_v, state_steps, **kwargs)
     for i in widen:
         write_back(params[i], work_params[i], stochastic_rounding)
+    for i in narrow:
+        exp_avgs[i].copy_(work_m[i])
+        exp_avg_sqs[i].copy_(work_v[i])
 
 
 def write_back(param: Tensor, value: Tensor, stochastic: bool) -> None:
