@@ -32,11 +32,10 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'adoptim[gpu]')")
+triton = pytest.importorskip("triton", reason="not installed (pip install 'adoptim[gpu]')")
 
 import test_reference_match as trm  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 from reference import Hyper, ReferenceADOPT  # noqa: E402
 
 import adoptim._foreach as foreach_module  # noqa: E402

@@ -78,13 +78,15 @@ _EIGHT_BIT_MESSAGE = (
 @dataclass(frozen=True)
 class LaunchConfig:
     """Launch shapes: ``block`` elements per inner iteration (BLOCK / (32 * num_warps) per
-    thread: 8, so float32 loads are two 128-bit accesses), ``chunk`` elements per program
-    (torch's multi-tensor apply uses 65,536), ``schedule_block`` tensors per program of
-    the schedule kernel. Tests shrink them to cover many chunks with small tensors."""
+    thread: 8, so float32 loads are two 128-bit accesses, bfloat16 ones one); ``chunk``
+    elements per program (torch's multi-tensor apply uses 65,536); ``schedule_block``
+    tensors per program of the schedule kernel. Tests shrink them to cover many chunks with
+    small tensors. Not tuned on a GPU yet (scripts/gpu_check.sh measures)."""
 
     block: int = 2048
     chunk: int = 65536
     num_warps: int = 8
+    num_warps_amd: int = 4  # AMD's wavefronts have 64 lanes: the same 8 elements per thread
     schedule_block: int = 128
 
 
@@ -393,12 +395,15 @@ def triton_adopt(
             for i in index
         )
 
-    hosted = {key: host_schedule(key[0], [i for i, *_ in members]) for key, members in buckets.items()}
+    hosted = {
+        key: host_schedule(key[0], [i for i, *_ in members]) for key, members in buckets.items()
+    }
     if found_inf is not None:
         devices = {key[0] for key in buckets}
         # Read on the host only where it is free (a CPU flag for GPU tensors) or where the
         # step counts are host-side anyway (then it costs one sync, as on the other paths).
-        if any(hosted.values()) or (found_inf.device.type == "cpu" and devices != {found_inf.device}):
+        cpu_flag = found_inf.device.type == "cpu" and devices != {found_inf.device}
+        if any(hosted.values()) or cpu_flag:
             if found_inf.item() != 0:
                 return []
             found_inf = None
@@ -459,6 +464,9 @@ def _run_bucket(
 
     device, p_dtype, s_dtype, aligned = key
     cfg = CONFIG
+    if torch.version.hip is not None and device.type == "cuda":
+        cfg = LaunchConfig(cfg.block, cfg.chunk, cfg.num_warps_amd, cfg.num_warps_amd,
+                           cfg.schedule_block)  # fmt: skip
     n = len(members)
     layout = _layout(device, members, None if hosted else steps, cfg.chunk)
     dummy = layout.counts  # stands in for pointer arguments a variant does not use
@@ -554,7 +562,7 @@ def _run_bucket(
                         *schedule_args(bounds), grid=schedule_grid, num_warps=4,
                         **schedule_constexprs
                     )
-            except Exception as exc:  # noqa: BLE001 - Triton raises many types; reported whole
+            except Exception as exc:
                 message = (
                     f"the Triton ADOPT kernel failed to compile for {device} (parameters "
                     f"{p_dtype}, state {s_dtype}): {type(exc).__name__}: {exc}"
@@ -647,7 +655,8 @@ class Variant:
         if self.kind == "schedule":
             return f"schedule(clip={('none', 'power', 'callable')[self.clip]})"
         pair = f"{_SIG_NAMES[self.p_dtype]}/{_SIG_NAMES[self.s_dtype]}"
-        extras = [x for x, on in (("all options", self.options), ("stochastic", self.stochastic)) if on]
+        flags = (("all options", self.options), ("stochastic", self.stochastic))
+        extras = [x for x, on in flags if on]
         return f"{self.kind}({pair}{', ' + ', '.join(extras) if extras else ''})"
 
 
@@ -726,44 +735,69 @@ def aot_compile(variant: Variant, target, cfg: LaunchConfig | None = None):
             CHUNK=cfg.chunk,
         )
         fn, num_warps = jit.adopt_kernel, cfg.num_warps
+        if target.backend == "hip":
+            num_warps = cfg.num_warps_amd
     signature.update({name: "constexpr" for name in constexprs})
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=target, options={"num_warps": num_warps})
 
 
-def ptx_access_summary(ptx: str, variant: Variant, cfg: LaunchConfig | None = None) -> dict:
-    """Global memory accesses in ``ptx``: the widest load and store (bits) and, in the
-    unmasked full-block loop, loads and stores per element (1.0: each input element read once,
-    each output written once), counted from the vector loads/stores' bytes against what one
-    thread's share of a block of theta, g, m, v (and theta, m, v written) comes to."""
+def _global_accesses(
+    asm: str, isa: str, element_bytes: int
+) -> tuple[list[tuple[int, bool]], list[tuple[int, bool]]]:
+    """(bytes, is_vector) of each global load and store instruction in PTX or AMDGCN: PTX
+    vectors are ``.v2``/``.v4``; on AMD, accesses wider than the widest element (uniform
+    table reads are scalar ``s_load`` there)."""
     import re
 
+    if isa == "ptx":
+        sizes = {"8": 1, "16": 2, "32": 4, "64": 8}
+        pattern = r"\b{op}\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](8|16|32|64)\b"
+        found = {}
+        for op in ("ld", "st"):
+            found[op] = [
+                (int(v or 1) * sizes[b], bool(v))
+                for v, b in re.findall(pattern.format(op=op), asm)
+            ]
+        return found["ld"], found["st"]
+    sizes = {"dwordx4": 16, "dwordx3": 12, "dwordx2": 8, "dword": 4, "short": 2, "ushort": 2,
+             "short_d16": 2, "short_d16_hi": 2, "b128": 16, "b96": 12, "b64": 8, "b32": 4,
+             "b16": 2, "u16": 2}  # fmt: skip
+    found = {}
+    for op in ("load", "store"):
+        names = re.findall(rf"\b(?:global|buffer)_{op}_(\w+)", asm)
+        found[op] = [(sizes[n], sizes[n] > element_bytes) for n in names if n in sizes]
+    return found["load"], found["store"]
+
+
+def access_summary(asm: dict, variant: Variant, cfg: LaunchConfig | None = None) -> dict:
+    """Global memory accesses of a compiled update/count kernel (``asm``: Triton's
+    ``compiled.asm``, PTX or AMDGCN): the widest load and store (bits) and, in the unmasked
+    full-block loop, loads and stores per element (1.0: each input element read once, each
+    output written once). Counted from the vector accesses' bytes (the masked tail and the
+    table reads are scalar) against one thread's share of a block of theta, g, m, v (theta,
+    m, v written)."""
     cfg = cfg or CONFIG
-    widths = {"b8": 1, "b16": 2, "b32": 4, "b64": 8, "f32": 4, "f64": 8, "u16": 2, "u32": 4}
-
-    def accesses(op):
-        found = []
-        for vec, kind in re.findall(rf"\b{op}\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.([bfu]\d+)\b", ptx):
-            lanes = int(vec or 1)
-            found.append((lanes, widths.get(kind, 4)))
-        return found
-
-    loads, stores = accesses("ld"), accesses("st")
-    per_thread = cfg.block // (32 * cfg.num_warps)
+    if "ptx" in asm:
+        isa, warp, warps = "ptx", 32, cfg.num_warps
+    else:
+        isa, warp, warps = "amdgcn", 64, cfg.num_warps_amd
     p_size = torch.empty((), dtype=variant.p_dtype).element_size()
     s_size = torch.empty((), dtype=variant.s_dtype).element_size()
-    # Vector accesses are the unmasked loop's (masked tails and table reads are scalar).
-    vec_loaded = sum(lanes * size for lanes, size in loads if lanes > 1)
-    vec_stored = sum(lanes * size for lanes, size in stores if lanes > 1)
+    loads, stores = _global_accesses(asm[isa], isa, max(p_size, s_size))
+    per_thread = cfg.block // (warp * warps)
     want_loaded = per_thread * (2 * p_size + 2 * s_size)
     want_stored = per_thread * (p_size + 2 * s_size) if variant.kind == "update" else 0
+    vec_loads = [b for b, vector in loads if vector]
+    vec_stores = [b for b, vector in stores if vector]
     return {
-        "load_bits": max((lanes * size * 8 for lanes, size in loads), default=0),
-        "store_bits": max((lanes * size * 8 for lanes, size in stores), default=0),
-        "loads_per_element": vec_loaded / want_loaded,
-        "stores_per_element": (vec_stored / want_stored) if want_stored else 0.0,
-        "vector_loads": sum(1 for lanes, _ in loads if lanes > 1),
-        "vector_stores": sum(1 for lanes, _ in stores if lanes > 1),
+        "isa": isa,
+        "load_bits": 8 * max(vec_loads or [b for b, _ in loads] or [0]),
+        "store_bits": 8 * max(vec_stores or [b for b, _ in stores] or [0]),
+        "loads_per_element": sum(vec_loads) / want_loaded,
+        "stores_per_element": sum(vec_stores) / want_stored if want_stored else 0.0,
+        "vector_loads": len(vec_loads),
+        "vector_stores": len(vec_stores),
     }
 
 
@@ -802,9 +836,8 @@ def compile_report(targets: list[tuple[str, Any]] | None = None) -> list[dict]:
                 record.update(ok=False, error=f"{type(exc).__name__}: {exc}".strip())
             else:
                 record["ok"] = True
-                ptx = compiled.asm.get("ptx")
-                if ptx and variant.kind != "schedule":
-                    record.update(ptx_access_summary(ptx, variant))
+                if variant.kind != "schedule":
+                    record.update(access_summary(compiled.asm, variant))
             record["seconds"] = round(time.perf_counter() - start, 2)
             records.append(record)
     return records
