@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adoptim._schedule import call_scalars
-from adoptim._state import state_dtype_for
+from adoptim._state import conform_state, state_dtype_for
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["from_adam"]
@@ -88,4 +88,5 @@ def from_adam(cls: type, adam: Optimizer, *, exp_avg: str = "normalized", **over
                 buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 view_as_real_if_complex(buf)[0].copy_(value)
                 state[key] = buf
+    conform_state(new)  # state_dtype="8bit": quantize the converted moments
     return new

@@ -32,6 +32,8 @@ __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 # Param-group flags that choose how the step runs rather than what it computes.
 _PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+# Param-group options that choose the format of the moments (loading converts between them).
+_FORMAT_FLAGS = ("state_dtype", "min_8bit_size")
 
 
 def _check_range(
@@ -280,6 +282,11 @@ class ADOPT(Optimizer):
 
         A state dict from ``torch.optim.Adam``/``AdamW`` has the same state keys but means
         something else (its v is one step ahead and its m is not normalised); it is refused.
+
+        The state format is this optimizer's (``state_dtype``, ``min_8bit_size``), not the
+        checkpoint's: float moments loaded into an 8-bit optimizer are quantized, 8-bit ones
+        loaded into a float-state optimizer are dequantized (exactly the values
+        :meth:`moments` returns).
         """
         if any("amsgrad" in group for group in state_dict.get("param_groups", [])):
             raise ValueError(
@@ -292,7 +299,10 @@ class ADOPT(Optimizer):
         # foreach=True loads into a for-loop or fused optimizer and runs there.
         kept = [{k: g[k] for k in _PATH_FLAGS if k in g} for g in self.param_groups]
         self._check_loadable(state_dict)
+        kept_format = [{k: g[k] for k in _FORMAT_FLAGS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, kept_format):
+            group.update(flags)  # this optimizer's state format: 8-bit <-> float converts
         _state.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
         for group, flags in zip(self.param_groups, kept):
             group.update(flags)
