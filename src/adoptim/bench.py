@@ -21,6 +21,10 @@ machine move by 2x between runs. Effective GB/s counts
 Peak memory is the largest rise of the process's resident memory above what it was before the
 optimizer existed, sampled every millisecond: state plus the step's temporaries.
 
+``--device cuda`` times the same suites on a GPU (each step synchronised; ``adopt-fused`` is
+the Triton kernel there, peak memory is the device's), with GB/s also as a percentage of the
+card's peak bandwidth where it is known (or given with ``--peak-gbps``).
+
 Peers are timed when installed (never required): ``torch-adopt`` (imports as ``adopt``), timm's
 ``Adopt`` (loaded from ``timm/optim/adopt.py``, because ``import timm`` needs torchvision), and
 ``pytorch_optimizer.ADOPT``. ``pip install "adoptim[bench]"`` installs torch-adopt and
@@ -252,12 +256,20 @@ def _time_one(
     """One round for one optimizer: build it, take the first step, ``warmup`` untimed steps
     and ``repeats`` timed ones; its step times, first-step time and peak memory."""
     gc.collect()
+    cuda = bool(params) and params[0].device.type == "cuda"
+    # On CUDA a step only queues kernels: wait for them, and count device memory.
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        device_base = torch.cuda.memory_allocated()
     with _PeakRSS() as mem:
         t0 = time.perf_counter()
         opt = entry.make(params)
         opt.step()  # creates the state
+        sync()
         first = time.perf_counter() - t0
-        if entry.name.startswith("adopt-"):
+        if entry.name.startswith("adopt-") and not cuda:
             from adoptim import _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
@@ -267,9 +279,13 @@ def _time_one(
             opt.step()
         times = []
         for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             opt.step()
+            sync()
             times.append(time.perf_counter() - t)
+    if cuda:
+        mem.peak, mem.base = torch.cuda.max_memory_allocated(), device_base
     del opt
     gc.collect()
     peak = (mem.peak - mem.base) / 2**20 if mem.peak else None
@@ -295,14 +311,41 @@ def _summarise(rounds: list[dict[str, Any]], numel: int) -> dict[str, Any]:
     }
 
 
-def _make_params(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
+def _make_params(
+    shapes: list[tuple[int, ...]], seed: int, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.randn(shape, generator=gen).mul_(0.02).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen)
+        p = torch.randn(shape, generator=gen).mul_(0.02).to(device).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(device)
         params.append(p)
     return params
+
+
+def _unavailable(entry: Entry, device: torch.device) -> str | None:
+    """Why ``entry`` cannot run on ``device``, or None (on CUDA, adopt-fused is Triton's)."""
+    if device.type == "cuda" and entry.name == "adopt-fused":
+        from adoptim import _triton_kernel
+
+        return _triton_kernel.unsupported_reason([torch.empty(0, device=device)])
+    return entry.available()
+
+
+# Peak memory bandwidth (GB/s) of cards the GB/s column is compared with (vendor figures);
+# --peak-gbps gives it for others.
+PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0,
+             "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0, "MI300X": 5300.0}  # fmt: skip
+
+
+def device_peak_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_GBPS.items():
+        if key.lower() in name.lower() or key.replace(" ", "").lower() in name.lower():
+            return value
+    return None
 
 
 def run_suite(
@@ -315,11 +358,14 @@ def run_suite(
     scale: float = 1.0,
     seed: int = 0,
     progress: Any = None,
+    device: str | torch.device = "cpu",
+    peak_gbps: float | None = None,
 ) -> dict[str, Any]:
+    device = torch.device(device)
     shapes = suite_shapes(suite, scale)
-    params = _make_params(shapes, seed)
+    params = _make_params(shapes, seed, device)
     numel = sum(p.numel() for p in params)
-    skipped = {e.name: {"skipped": reason} for e in entries if (reason := e.available())}
+    skipped = {e.name: {"skipped": reason} for e in entries if (reason := _unavailable(e, device))}
     timed: dict[str, list[dict[str, Any]]] = {e.name: [] for e in entries if e.name not in skipped}
     for round_index in range(rounds):
         # Each round starts one entry later, so that no optimizer always runs right after
@@ -344,8 +390,12 @@ def run_suite(
     for res in results.values():
         if "median_s" in res:
             res["ratio_to_adam_fused"] = res["median_s"] / base if base else None
+            if peak_gbps:
+                res["pct_of_peak_bandwidth"] = 100.0 * res["gb_per_s"] / peak_gbps
     return {
         "suite": suite,
+        "device": str(device),
+        "peak_gbps": peak_gbps,
         "title": suite_title(suite, scale, len(shapes), numel),
         "scale": scale,
         "tensors": len(shapes),
@@ -361,23 +411,29 @@ def format_table(report: dict[str, Any]) -> str:
             f"\n({s['suite']}) {SUITES[s['suite']][0]}"
             + (f" at scale {s['scale']:g}" if s.get("scale", 1.0) != 1.0 else "")
             + f": {s['tensors']} tensors, {_count(s['params'])} float32 params"
+            + (f" on {s['device']}" if s.get("device", "cpu") != "cpu" else "")
+            + (f" (peak bandwidth {s['peak_gbps']:.0f} GB/s)" if s.get("peak_gbps") else "")
         )
+        pct = bool(s.get("peak_gbps"))  # GB/s as a percentage of the card's peak
         lines.append(
             f"| {'optimizer':<20} | {'median ms':>9} | {'x adam-fused':>12} | {'GB/s':>6} "
-            f"| {'peak MB':>8} | {'first step s':>12} |"
+            f"| {'peak MB':>8} | {'first step s':>12} |" + (" % peak |" if pct else "")
         )
-        lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 13}:|")
+        lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 13}:|"
+                     + ("-------:|" if pct else ""))  # fmt: skip
         for name, r in s["results"].items():
             if "skipped" in r:
                 lines.append(f"| {name:<20} | skipped: {r['skipped']}")
                 continue
             ratio = r.get("ratio_to_adam_fused")
             peak = r.get("peak_mb")
+            ms = r["median_s"] * 1e3
             lines.append(
-                f"| {name:<20} | {r['median_s'] * 1e3:>9.1f} | "
+                f"| {name:<20} | {(f'{ms:.1f}' if ms >= 10 else f'{ms:.3f}'):>9} | "
                 f"{(f'{ratio:.2f}x' if ratio else '-'):>12} | {r['gb_per_s']:>6.1f} | "
                 f"{(f'{peak:.0f}' if peak is not None else '-'):>8} | "
                 f"{r['first_step_s']:>12.2f} |"
+                + (f" {r.get('pct_of_peak_bandwidth', 0):>5.1f}% |" if pct else "")
             )
     return "\n".join(lines)
 
@@ -595,6 +651,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=_positive(int), default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the parameters live: cpu, cuda, cuda:1; on CUDA each step "
+                             "is synchronised and adopt-fused is the Triton kernel "
+                             "(default: %(default)s)")
+    parser.add_argument("--peak-gbps", type=_positive(float), default=None,
+                        help="the device's peak memory bandwidth, to report GB/s as a "
+                             "percentage of it (default: known for H100/H200/A100/MI300X)")
     parser.add_argument("--out", default="runs/bench",
                         help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument(
@@ -636,6 +699,12 @@ def run(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA GPU is visible")
+        machine += f", {torch.cuda.get_device_name(device)}"
+    peak_gbps = args.peak_gbps or device_peak_gbps(device)
     print(f"adoptim bench: {machine}", flush=True)
     report: dict[str, Any] = {
         "machine": machine,
@@ -662,6 +731,8 @@ def run(args: argparse.Namespace) -> int:
                     rounds=args.rounds,
                     scale=args.scale,
                     progress=bar,
+                    device=device,
+                    peak_gbps=peak_gbps,
                 )
             )
             gc.collect()
