@@ -89,6 +89,8 @@ class GroupConfig:
     weight_decay: float
     decouple: bool
     maximize: bool
+    nesterov: bool = False
+    caution: bool = False
 
 
 group_configs = st.builds(
@@ -101,6 +103,8 @@ group_configs = st.builds(
     weight_decay=st.sampled_from([0.0, 0.1]),
     decouple=st.booleans(),
     maximize=st.booleans(),
+    nesterov=st.booleans(),
+    caution=st.booleans(),
 )
 
 
@@ -156,6 +160,8 @@ def run_against_reference(path, group_cfgs, plans, dtype, tensor_lr, seed, check
                 weight_decay=cfg.weight_decay,
                 decouple=cfg.decouple,
                 maximize=cfg.maximize,
+                nesterov=cfg.nesterov,
+                caution=cfg.caution,
                 # clip_exp is the group's stored schedule; None defers to the callable, if any
                 clip_exp=None if callable(clip) else clip,
             )
@@ -172,6 +178,8 @@ def run_against_reference(path, group_cfgs, plans, dtype, tensor_lr, seed, check
                 weight_decay=cfg.weight_decay,
                 decouple=cfg.decouple,
                 maximize=cfg.maximize,
+                nesterov=cfg.nesterov,
+                caution=cfg.caution,
             )
         )
     # Only one custom callable can be attached to an optimizer; groups without one clip as
@@ -313,13 +321,15 @@ COMPLEX_MIXED = (
     True,
     7,
 )
-# Three groups, each with its own lr, beta2, clip schedule, weight-decay mode and sign, with
-# tensors interleaved between them (a group must not borrow another's settings).
+# Three groups, each with its own lr, beta2, clip schedule, weight-decay mode, sign and
+# nesterov/caution, with tensors interleaved between them (a group must not borrow another's
+# settings).
 SEVERAL_GROUPS = (
     [
-        _group(lr=3e-2, beta2=0.9, weight_decay=0.1, maximize=True),
-        _group(lr=1e-3, beta2=0.9999, clip="power 0.5", weight_decay=0.1, decouple=True),
-        _group(lr=1e-2, beta2=0.9, clip="callable"),
+        _group(lr=3e-2, beta2=0.9, weight_decay=0.1, maximize=True, nesterov=True),
+        _group(lr=1e-3, beta2=0.9999, clip="power 0.5", weight_decay=0.1, decouple=True,
+               caution=True),
+        _group(lr=1e-2, beta2=0.9, clip="callable", nesterov=True, caution=True),
     ],
     [
         _tensor((4,), group=0),
