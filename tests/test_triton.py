@@ -723,3 +723,62 @@ def test_cuda_fused_step_does_not_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
         opt.grad_scale = opt.found_inf = None
+
+
+# --------------------------------------------------------------------------------------------
+# DTensor parameters (FSDP2, tensor parallelism): both fused kernels on the local shards
+
+
+@pytest.fixture
+def one_rank_mesh():
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dtensor_parameters_take_the_fused_kernel_on_their_shards(backend, one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("interpreter tests: run with TRITON_INTERPRET=1")
+    if backend == "cpp":
+        reason = _cpu_kernel.unsupported_reason()
+        if reason is not None:
+            pytest.skip(f"C++ kernel unavailable: {reason}")
+        from adoptim import _kernel_cache
+
+        _kernel_cache.load_kernel(wait=True, timeout=600)
+    gen = torch.Generator().manual_seed(4)
+    init = [torch.randn(6, 5, generator=gen), torch.randn(7, generator=gen)]
+    grads = [[torch.randn(x.shape, generator=gen) for x in init] for _ in range(5)]
+    plain = [x.clone().requires_grad_() for x in init]
+    plain_opt = ADOPT(plain, foreach=False, fused=False, weight_decay=0.1, nesterov=True)
+    dparams = [
+        torch.nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)]))
+        for x in init
+    ]
+    patches = on_triton() if backend == "triton" else contextlib.ExitStack()
+    with patches, mock.patch.object(forloop_module, "single_tensor_adopt",
+                                    _refuse("for-loop")):  # fmt: skip
+        opt = ADOPT(dparams, fused=True, weight_decay=0.1, nesterov=True)
+        for gs in grads:
+            for p, g in zip(dparams, gs):
+                p.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+            opt.step()
+    for gs in grads:
+        for p, g in zip(plain, gs):
+            p.grad = g.clone()
+        plain_opt.step()
+    for d, p in zip(dparams, plain):
+        torch.testing.assert_close(d.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
+    assert opt.state[dparams[0]]["step"].item() == 5

@@ -41,6 +41,17 @@ def _disabled() -> bool:
     return os.environ.get("ADOPTIM_DISABLE_FUSED", "") not in ("", "0")
 
 
+def _takes(p: Tensor) -> bool:
+    """Plain tensors, and DTensors (FSDP2, tensor parallelism) through their local shards."""
+    return type(p) in (Tensor, torch.nn.Parameter) or callable(getattr(p, "to_local", None))
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (it shares the storage): the update is elementwise, so each
+    rank runs the kernel on its own shards."""
+    return t if type(t) in (Tensor, torch.nn.Parameter) else t.to_local()
+
+
 def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
     """Why the fused kernel cannot run on these parameters here, or None if it can.
 
@@ -50,11 +61,10 @@ def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
     if _disabled():
         return "the fused kernel is disabled by the environment variable ADOPTIM_DISABLE_FUSED"
     for p in params or ():
-        if type(p) not in (Tensor, torch.nn.Parameter):
+        if not _takes(p):
             return (
-                f"the fused kernel takes plain tensors, and a parameter is a {type(p).__name__} "
-                "(e.g. a DTensor from FSDP2 or tensor parallelism); use foreach=True or "
-                "leave fused unset"
+                "the fused kernel takes plain tensors and DTensors, and a parameter is a "
+                f"{type(p).__name__}; use foreach=True or leave fused unset"
             )
         if p.device.type != "cpu":
             return (
@@ -78,8 +88,8 @@ def default_to_fused(params: list[Tensor], differentiable: bool) -> bool:
         return False
     if not all(p.device.type == "cpu" and p.dtype in SUPPORTED_DTYPES for p in params):
         return False
-    if not all(type(p) in (Tensor, torch.nn.Parameter) for p in params):
-        return False  # tensor subclasses (FSDP2's DTensor shards) take the unfused paths
+    if not all(_takes(p) for p in params):
+        return False  # other tensor subclasses take the unfused paths
     return is_loaded() or buildable()
 
 
@@ -129,6 +139,10 @@ def fused_adopt(
 
     # One kernel call per (parameter dtype, state dtype); tensors it cannot walk go aside.
     # This loop is the per-step Python cost of many small tensors: cheap checks first.
+    if not all(type(p) in (Tensor, torch.nn.Parameter) for p in params):  # DTensors
+        params, grads, exp_avgs, exp_avg_sqs = (
+            [_local(t) for t in seq] for seq in (params, grads, exp_avgs, exp_avg_sqs)
+        )
     buckets: dict[tuple, list[int]] = {}
     aside: list[int] = []
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
