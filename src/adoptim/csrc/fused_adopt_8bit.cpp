@@ -11,11 +11,15 @@
 //
 // Rounding of the codes is stochastic and unbiased in m and in v, with the random numbers of
 // _quant.py: one hash per block and stream, then a Weyl sequence over the block. The
-// arithmetic is written as the Python one, operation by operation: this file is compiled
-// without floating-point contraction, and fused multiply-adds are written out (std::fma)
-// exactly where torch's vectorised CPU kernels use them (lerp_, add_ with alpha, addcmul_), so that
-// the kernel and the for-loop path produce the same parameters and codes (apart from rare
-// elements that torch computes in a loop's scalar tail).
+// arithmetic is written as the Python one, operation by operation: fused multiply-adds are
+// written out (std::fma) exactly where torch's vectorised CPU kernels use them (lerp_, add_
+// with alpha, addcmul_), and the one product the compiler could otherwise fuse with an add
+// (m * 127/A + u) is taken in a loop of its own, so that the kernel and the for-loop path
+// produce the same parameters and codes (apart from rare elements that torch computes in a
+// loop's scalar tail). (No `#pragma GCC optimize("fp-contract=off")`: it stops inlining into
+// the marked functions.) The requantization loop vectorises only with -fno-trapping-math
+// (floor, and selects between computed values): _kernel_cache builds with it, which changes
+// no result.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,8 +32,6 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#pragma GCC optimize("fp-contract=off")
 
 namespace {
 
@@ -211,9 +213,12 @@ void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
 
   // Pass 2: requantize, as _quant.quantize_m / quantize_v.
   for (int64_t i = 0; i < len; ++i) {
+    mbuf[i] = mbuf[i] * m_inv;  // y = m * (127 / A), rounded before the add below
+  }
+  for (int64_t i = 0; i < len; ++i) {
     float um = u0m + kWeyl.w[i];
     um = um >= 1.0f ? um - 1.0f : um;
-    float ym = std::floor(mbuf[i] * m_inv + um);
+    float ym = std::floor(mbuf[i] + um);
     ym = ym < -kMLevels ? -kMLevels : ym;
     ym = ym > kMLevels ? kMLevels : ym;
     qm[i] = static_cast<int8_t>(static_cast<int32_t>(ym));
@@ -228,7 +233,7 @@ void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
     float uv = u0v + kWeyl.w[i];
     uv = uv >= 1.0f ? uv - 1.0f : uv;
     float qf = lo + (uv * (v_hi - v_lo) < v - v_lo ? 1.0f : 0.0f);  // unbiased in v
-    qf = (qf == 0.0f && v > 0.0f) ? 1.0f : qf;  // no zero code for a nonzero v
+    qf = ((qf == 0.0f) & (v > 0.0f)) ? 1.0f : qf;  // no zero code for a nonzero v
     qv[i] = static_cast<uint8_t>(static_cast<int32_t>(qf));
   }
 }
