@@ -68,6 +68,8 @@ SUPPORTED_DTYPES = (
     torch.complex128,
 )
 _REAL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+_PLAIN = (Tensor, torch.nn.Parameter)
 FLOAT_STATE_DTYPES = ("auto", "float32", "param")
 _EIGHT_BIT_MESSAGE = (
     "the Triton kernel keeps float32 state (or the parameter's dtype); 8-bit state is not "
@@ -213,6 +215,18 @@ class _Layout:
     __slots__ = ("counts", "keep", "n_items", "scalars", "steps", "table")
 
 
+class _Bucket:
+    """The tensors of one launch: their indices in the step's lists, their data_ptrs (p, g,
+    m, v per tensor) and sizes."""
+
+    __slots__ = ("index", "numels", "ptrs")
+
+    def __init__(self) -> None:
+        self.index: list[int] = []
+        self.ptrs: list[int] = []
+        self.numels: list[int] = []
+
+
 _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
 _MAX_LAYOUTS = 64
 
@@ -226,26 +240,23 @@ def _to_device(host: Tensor, device: torch.device) -> tuple[Tensor, Tensor | Non
     return pinned.to(device, non_blocking=True), pinned
 
 
-def _layout(device, members, steps, chunk) -> _Layout:
+def _layout(device, bucket, steps, chunk) -> _Layout:
     key = (
         device,
         chunk,
-        tuple(t.data_ptr() for _, *ts in members for t in ts),
-        tuple(p.numel() for _, p, *_ in members),
-        None if steps is None else tuple(s.data_ptr() for s in steps),
+        tuple(bucket.ptrs),
+        tuple(bucket.numels),
+        None if steps is None else tuple([s.data_ptr() for s in steps]),
     )
     layout = _layouts.get(key)
     if layout is not None:
         _layouts.move_to_end(key)
         return layout
-    n = len(members)
-    host = [[], [], [], [], []]
+    n = len(bucket.numels)
+    ptrs = bucket.ptrs  # p, g, m, v of tensor 0, then of tensor 1, ...
+    host = [ptrs[0::4], ptrs[1::4], ptrs[2::4], ptrs[3::4], list(bucket.numels)]
     items = []
-    for k, (_, p, g, m, v) in enumerate(members):
-        for column, t in zip(host, (p, g, m, v)):
-            column.append(t.data_ptr())
-        numel = p.numel()
-        host[4].append(numel)
+    for k, numel in enumerate(bucket.numels):
         items.extend((k << 32) | c for c in range(-(-numel // chunk)))
     layout = _Layout()
     keep = []
@@ -369,21 +380,49 @@ def triton_adopt(
         return all_indices
     jit = _jit()
 
-    buckets: dict[tuple, list[tuple]] = {}
+    # The per-step host cost of many tensors is this loop: the common case (plain, dense,
+    # contiguous, one dtype for the parameter and its gradient) takes the first test only.
+    buckets: dict[tuple, _Bucket] = {}
     aside: list[int] = []
+    temporaries: list[Tensor] = []
+    plain = all(type(t) in _PLAIN for t in params)
     for i in all_indices:
-        p, g, m, v = (_local(t) for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
-        if not (m.is_floating_point() or m.is_complex()):
-            raise RuntimeError(f"{_EIGHT_BIT_MESSAGE} (exp_avg is {m.dtype})")
-        if p.is_complex():  # real and imaginary parts as separate coordinates
+        p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+        if not plain:  # DTensors: their local shards
+            p, g, m, v = _local(p), _local(g), _local(m), _local(v)
+        p_dtype, s_dtype = p.dtype, m.dtype
+        if p_dtype in _COMPLEX_DTYPES:  # real and imaginary parts as separate coordinates
             p, g, m, v = (torch.view_as_real(t) if t.is_complex() else t for t in (p, g, m, v))
-        if not _walkable(p, g, m, v):
-            aside.append(i)
-            continue
-        if g.stride() != p.stride() and not (p.is_contiguous() and g.is_contiguous()):
-            g = torch.empty_like(p).copy_(g)  # the parameter's layout
-        aligned = all(t.data_ptr() % 16 == 0 for t in (p, g, m, v))
-        buckets.setdefault((p.device, p.dtype, m.dtype, aligned), []).append((i, p, g, m, v))
+            p_dtype, s_dtype = p.dtype, m.dtype
+        fast = (
+            p_dtype in _REAL_DTYPES
+            and g.dtype == p_dtype
+            and s_dtype in _REAL_DTYPES
+            and v.dtype == s_dtype
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+            and g.shape == p.shape == m.shape == v.shape
+        )
+        if not fast:
+            if not (m.is_floating_point() or m.is_complex()):
+                raise RuntimeError(f"{_EIGHT_BIT_MESSAGE} (exp_avg is {m.dtype})")
+            if not _walkable(p, g, m, v):
+                aside.append(i)
+                continue
+            if g.stride() != p.stride() and not (p.is_contiguous() and g.is_contiguous()):
+                g = torch.empty_like(p).copy_(g)  # the parameter's layout
+                temporaries.append(g)  # alive until the kernels are queued
+        ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+        aligned = not ((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15)
+        key = (p.device, p_dtype, s_dtype, aligned)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket()
+        bucket.index.append(i)
+        bucket.ptrs.extend(ptrs)
+        bucket.numels.append(p.numel())
 
     def host_schedule(device, index) -> bool:
         if _force_host_schedule:
@@ -395,9 +434,7 @@ def triton_adopt(
             for i in index
         )
 
-    hosted = {
-        key: host_schedule(key[0], [i for i, *_ in members]) for key, members in buckets.items()
-    }
+    hosted = {key: host_schedule(key[0], bucket.index) for key, bucket in buckets.items()}
     if found_inf is not None:
         devices = {key[0] for key in buckets}
         # Read on the host only where it is free (a CPU flag for GPU tensors) or where the
@@ -408,12 +445,12 @@ def triton_adopt(
                 return []
             found_inf = None
 
-    for key, members in buckets.items():
+    for key, bucket in buckets.items():
         ok = _run_bucket(
             jit,
             key,
-            members,
-            [state_steps[i] for i, *_ in members],
+            bucket,
+            [state_steps[i] for i in bucket.index],
             hosted[key],
             strict=strict,
             lr=lr,
@@ -432,14 +469,15 @@ def triton_adopt(
             caution=caution,
         )
         if not ok:
-            aside.extend(i for i, *_ in members)
+            aside.extend(bucket.index)
+    del temporaries  # (freed after the launches: stream-ordered reuse on CUDA)
     return sorted(aside)
 
 
 def _run_bucket(
     jit,
     key,
-    members,
+    bucket,
     steps,
     hosted,
     *,
@@ -467,8 +505,8 @@ def _run_bucket(
     if torch.version.hip is not None and device.type == "cuda":
         cfg = LaunchConfig(cfg.block, cfg.chunk, cfg.num_warps_amd, cfg.num_warps_amd,
                            cfg.schedule_block)  # fmt: skip
-    n = len(members)
-    layout = _layout(device, members, None if hosted else steps, cfg.chunk)
+    n = len(bucket.index)
+    layout = _layout(device, bucket, None if hosted else steps, cfg.chunk)
     dummy = layout.counts  # stands in for pointer arguments a variant does not use
 
     lr_ptr, lr_value = dummy, 0.0
