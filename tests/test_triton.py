@@ -587,6 +587,42 @@ def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(m
     assert "cpu" in _triton_kernel._failed
 
 
+@interpreter_only
+def test_fused_true_without_triton_raises_at_construction_naming_the_extra(monkeypatch):
+    monkeypatch.setenv(_triton_kernel.BACKEND_ENV, "triton")
+    monkeypatch.setattr(_triton_kernel, "triton_installed", lambda: False)
+    with pytest.raises(RuntimeError, match=r"fused=True cannot be used: .*adoptim\[gpu\]"):
+        ADOPT([torch.zeros(3, requires_grad=True)], fused=True)
+
+
+@interpreter_only
+def test_default_falls_back_with_one_warning_when_the_kernel_fails_to_compile(monkeypatch):
+    """Under the default (fused unset; here CPU tensors with the Triton backend), a compile
+    failure warns once and the step runs on the unfused path: the same result."""
+    from adoptim import _triton_jit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: something Triton said")
+
+    monkeypatch.setattr(_triton_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(_triton_jit.adopt_kernel, "warmup", broken, raising=False)
+    monkeypatch.setattr(_triton_kernel, "_ready", set())
+    monkeypatch.setattr(_triton_kernel, "_failed", {})
+    monkeypatch.setattr(_triton_kernel, "_warned", set())
+    monkeypatch.setenv(_triton_kernel.BACKEND_ENV, "triton")
+    init = torch.randn(9)
+    grads = [torch.randn(9) for _ in range(3)]
+    p, q = init.clone().requires_grad_(), init.clone().requires_grad_()
+    opt, ref = ADOPT([p]), ADOPT([q], foreach=False, fused=False)
+    with pytest.warns(RuntimeWarning, match="failed to compile.*something Triton said") as seen:
+        for g in grads:
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+    assert torch.equal(p, q) and opt.state[p]["step"].item() == 3
+
+
 def test_eight_bit_state_is_refused_by_the_launcher():
     p = torch.randn(8)
     codes = torch.zeros(8, dtype=torch.uint8)

@@ -138,7 +138,9 @@ def selected(
         return False
     kinds = {p.device.type for p in params}
     if kinds == {"cpu"}:
-        return _backend_is_triton() and (fused is True or (foreach is None and not _disabled()))
+        if not _backend_is_triton():
+            return False
+        return fused is True or (foreach is None and not _disabled() and "cpu" not in _failed)
     if fused is True:  # other device types (meta, mps) get the C++ kernel's refusal
         return bool(kinds & set(GPU_DEVICE_TYPES))
     return (
