@@ -30,6 +30,13 @@ RUNS = {
     "foreach": (ADOPTW, {"lr": 1e-2, "weight_decay": 0.1, "foreach": True, "fused": False}),
     "default": (ADOPT, {"lr": 1e-2, "weight_decay": 0.05}),
 }
+#: 8-bit state (every tensor quantized: the model's are small), DDP and ZeRO only: FSDP2
+#: refuses it at construction (checked in run_fsdp2).
+RUNS_8BIT = {
+    "8bit-for-loop": (ADOPT, {"lr": 1e-2, "state_dtype": "8bit", "min_8bit_size": 0,
+                              "foreach": False, "fused": False}),
+    "8bit-default": (ADOPTW, {"lr": 1e-2, "state_dtype": "8bit", "min_8bit_size": 0}),
+}
 
 
 def make_model() -> torch.nn.Module:
@@ -57,7 +64,7 @@ def loss_fn(model, x, y):
 
 def reference_params(run: str) -> list[torch.Tensor]:
     """Single process, full batch: what every distributed run must reproduce."""
-    cls, kw = RUNS[run]
+    cls, kw = {**RUNS, **RUNS_8BIT}[run]
     model = make_model()
     opt = cls(model.parameters(), **kw)
     for x, y in data():
@@ -80,7 +87,7 @@ def run_ddp(out_dir, rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    for run, (cls, kw) in RUNS.items():
+    for run, (cls, kw) in {**RUNS, **RUNS_8BIT}.items():
         model = DDP(make_model())
         opt = cls(model.parameters(), **kw)
         for x, y in data():
@@ -125,6 +132,14 @@ def run_fsdp2(out_dir, rank, world):
             opt.zero_grad()
             loss_fn(model, _shard(x, rank, world), _shard(y, rank, world)).backward()
             opt.step()
+
+    cls, kw = RUNS_8BIT["8bit-default"]
+    try:
+        build(cls, kw)
+    except ValueError as exc:
+        assert "FSDP2" in str(exc), exc
+    else:
+        raise AssertionError("state_dtype='8bit' with FSDP2 should be refused at construction")
 
     for run, (cls, kw) in RUNS.items():
         model, opt = build(cls, kw)

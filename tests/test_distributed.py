@@ -71,7 +71,7 @@ def _check(out_dir: Path, name: str, run: str) -> None:
 
 def test_ddp_and_zero_match_single_process(tmp_path):
     _torchrun("ddp", tmp_path)
-    for run in dist_worker.RUNS:
+    for run in {**dist_worker.RUNS, **dist_worker.RUNS_8BIT}:
         _check(tmp_path, f"ddp-{run}", run)
         _check(tmp_path, f"zero-{run}", run)
 

@@ -17,7 +17,9 @@ slow minute on a shared machine, or running right after a given neighbour, hits 
 alike. The table reports ratios of medians (over all rounds' steps) to
 ``torch.optim.Adam(fused=True)`` measured in the same run, because absolute times on a shared
 machine move by 2x between runs. Effective GB/s counts
-28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass.
+28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass,
+and 16 for the 8-bit rows (one byte each for m and v; their scales add 1/32). "state B/param"
+is the optimizer's state (every tensor it holds) over the number of parameters.
 Peak memory is the largest rise of the process's resident memory above what it was before the
 optimizer existed, sampled every millisecond: state plus the step's temporaries.
 
@@ -60,6 +62,7 @@ import torch
 __all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "figure", "run", "suite_shapes", "suite_title"]
 
 BYTES_PER_PARAM = 28  # 4 float32 reads + 3 writes
+BYTES_PER_PARAM_8BIT = 16  # theta and g as float32, one byte each for m and v, read and written
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +129,7 @@ class Entry:
     name: str
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     available: Callable[[], str | None] = lambda: None  # reason it cannot run, or None
+    traffic: int = BYTES_PER_PARAM  # bytes per parameter per step, for GB/s
 
 
 BENCH_EXTRA = 'pip install "adoptim[bench]"'
@@ -189,6 +193,18 @@ def _timm(foreach: bool) -> Callable:
     return lambda params: _timm_adopt()(params, clip_exp=0.25, foreach=foreach)
 
 
+def _torchao_adamw8bit(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params)
+
+
+def _bnb_adam8bit(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    import bitsandbytes
+
+    return bitsandbytes.optim.Adam8bit(params)
+
+
 def _timm_missing() -> str | None:
     return _module_missing("timm", install=TIMM_INSTALL)()
 
@@ -204,6 +220,15 @@ OPTIMIZERS: list[Entry] = [
     Entry("adopt-default", _adopt()),
     Entry("torch-adopt-forloop", _torch_adopt(False), _module_missing("adopt", "torch-adopt")),
     Entry("torch-adopt-foreach", _torch_adopt(True), _module_missing("adopt", "torch-adopt")),
+    # 8-bit state (tensors under 4,096 elements keep float32 state in all three)
+    Entry("adopt-8bit-fused", _adopt(fused=True, state_dtype="8bit"), _fused_unavailable,
+          traffic=BYTES_PER_PARAM_8BIT),
+    Entry("adopt-8bit-forloop", _adopt(foreach=False, fused=False, state_dtype="8bit"),
+          traffic=BYTES_PER_PARAM_8BIT),
+    Entry("torchao-adamw8bit", _torchao_adamw8bit, _module_missing("torchao"),
+          traffic=BYTES_PER_PARAM_8BIT),
+    Entry("bnb-adam8bit", _bnb_adam8bit, _module_missing("bitsandbytes"),
+          traffic=BYTES_PER_PARAM_8BIT),
     Entry("timm-forloop", _timm(False), _timm_missing),
     Entry("timm-foreach", _timm(True), _timm_missing),
     Entry(
@@ -273,7 +298,8 @@ def _time_one(
             from adoptim import _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
-            if entry.name in ("adopt-fused", "adopt-default") and _fused_unavailable() is None:
+            kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused")
+            if entry.name in kernel and _fused_unavailable() is None:
                 _kernel_cache.load_kernel(wait=True)
         for _ in range(warmup):
             opt.step()
@@ -286,13 +312,47 @@ def _time_one(
             times.append(time.perf_counter() - t)
     if cuda:
         mem.peak, mem.base = torch.cuda.max_memory_allocated(), device_base
+    numel = sum(p.numel() for p in params)
+    state_bytes = _state_bytes(opt)
     del opt
     gc.collect()
     peak = (mem.peak - mem.base) / 2**20 if mem.peak else None
-    return {"times_s": times, "peak_mb": peak, "first_step_s": first}
+    return {
+        "times_s": times,
+        "peak_mb": peak,
+        "first_step_s": first,
+        "state_bytes_per_param": state_bytes / numel if numel else None,
+    }
 
 
-def _summarise(rounds: list[dict[str, Any]], numel: int) -> dict[str, Any]:
+def _tensor_bytes(t: torch.Tensor, seen: set) -> int:
+    """Bytes held by ``t``: its storage, or for a tensor subclass (torchao's 8-bit state) the
+    tensors it is made of; a storage shared by several entries counts once."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(t, name), seen) for name in names)
+    key = (t.device, t.untyped_storage().data_ptr())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.untyped_storage().nbytes()
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state (every tensor in ``opt.state``, step counters included)."""
+    seen: set = set()
+    return sum(
+        _tensor_bytes(value, seen)
+        for state in opt.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def _summarise(
+    rounds: list[dict[str, Any]], numel: int, traffic: int = BYTES_PER_PARAM
+) -> dict[str, Any]:
     """One optimizer's rounds as one result: the median over every timed step of every
     round, the first step of the first round (the only one that may load or build code), and
     the largest peak memory."""
@@ -305,7 +365,9 @@ def _summarise(rounds: list[dict[str, Any]], numel: int) -> dict[str, Any]:
         "max_s": max(times),
         "times_s": times,
         "round_medians_s": [statistics.median(r["times_s"]) for r in rounds],
-        "gb_per_s": BYTES_PER_PARAM * numel / median / 1e9,
+        "gb_per_s": traffic * numel / median / 1e9,
+        "bytes_per_param": traffic,
+        "state_bytes_per_param": rounds[0].get("state_bytes_per_param"),
         "peak_mb": max(peaks) if peaks else None,
         "first_step_s": rounds[0]["first_step_s"],
     }
@@ -383,7 +445,9 @@ def run_suite(
             if progress is not None:
                 progress.update(1)
     results = {
-        e.name: skipped[e.name] if e.name in skipped else _summarise(timed[e.name], numel)
+        e.name: skipped[e.name]
+        if e.name in skipped
+        else _summarise(timed[e.name], numel, e.traffic)
         for e in entries
     }
     base = results.get("adam-fused", {}).get("median_s")
@@ -417,10 +481,11 @@ def format_table(report: dict[str, Any]) -> str:
         pct = bool(s.get("peak_gbps"))  # GB/s as a percentage of the card's peak
         lines.append(
             f"| {'optimizer':<20} | {'median ms':>9} | {'x adam-fused':>12} | {'GB/s':>6} "
-            f"| {'peak MB':>8} | {'first step s':>12} |" + (" % peak |" if pct else "")
+            f"| {'peak MB':>8} | {'state B/param':>13} | {'first step s':>12} |"
+            + (" % peak |" if pct else "")
         )
-        lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 13}:|"
-                     + ("-------:|" if pct else ""))  # fmt: skip
+        lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 14}:"
+                     f"|{'-' * 13}:|" + ("-------:|" if pct else ""))  # fmt: skip
         for name, r in s["results"].items():
             if "skipped" in r:
                 lines.append(f"| {name:<20} | skipped: {r['skipped']}")
@@ -432,6 +497,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"| {name:<20} | {(f'{ms:.1f}' if ms >= 10 else f'{ms:.3f}'):>9} | "
                 f"{(f'{ratio:.2f}x' if ratio else '-'):>12} | {r['gb_per_s']:>6.1f} | "
                 f"{(f'{peak:.0f}' if peak is not None else '-'):>8} | "
+                f"{(f'{sb:.2f}' if (sb := r.get('state_bytes_per_param')) else '-'):>13} | "
                 f"{r['first_step_s']:>12.2f} |"
                 + (f" {r.get('pct_of_peak_bandwidth', 0):>5.1f}% |" if pct else "")
             )
