@@ -624,13 +624,18 @@ def _lr(x: float) -> str:
     return f"{x:g}"
 
 
+def _factor(x: float) -> str:
+    """A ratio of lrs on a grid of half-decades: 0.3, 1, 3.3, 10, 33, 100."""
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
+
+
 def _range_txt(info: dict) -> str:
     if info.get("best") is None:
         return "n/a"
     lo, hi = info["range"]
     lrs = [info["lrs_sorted"][lo], info["lrs_sorted"][hi]] if "lrs_sorted" in info else None
     edge_lo, edge_hi = info["range_at_edge"]
-    w = f"{'≥ ' if (edge_lo or edge_hi) else ''}x{info['width']:.2g}"
+    w = f"{'≥ ' if (edge_lo or edge_hi) else ''}x{_factor(info['width'])}"
     return f"{w} ({_lr(lrs[0])}–{_lr(lrs[1])})" if lrs else w
 
 
@@ -836,7 +841,7 @@ def _summary_rows(task: Task, ana: dict) -> list[list[str]]:
         dropin = _fmt(ana["dropin"], task.digits)
         if math.isfinite(ana.get("dropin_delta", math.nan)):
             dropin += f" ({ana['dropin_delta']:+.{task.digits}f} vs {_label(task, task.adam)})"
-    ratio = f"{ana['ratio']:.2g}" if "ratio" in ana else "n/a"
+    ratio = _factor(ana["ratio"]) if "ratio" in ana else "n/a"
     results = ana.get("results", [])
     early, warm = [], []
     for o, info in ((task.adam, a), (task.adopt, d)):
