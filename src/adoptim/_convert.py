@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adoptim._schedule import call_scalars
-from adoptim._state import conform_state, state_dtype_for
+from adoptim._state import conform_state, state_dtype_for, step_device
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["from_adam"]
@@ -82,7 +82,7 @@ def from_adam(cls: type, adam: Optimizer, *, exp_avg: str = "normalized", **over
             else:
                 m = torch.zeros_like(v)
             state = new.state[p]
-            device = p.device if group["capturable"] else torch.device("cpu")
+            device = step_device(p, group)
             state["step"] = torch.tensor(t, dtype=torch.float32, device=device)
             for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
                 buf = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)

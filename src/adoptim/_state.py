@@ -194,9 +194,10 @@ def _real_flat_f32(t: Tensor) -> Tensor:
 def state_dtype_for(param: Tensor, state_dtype: str) -> torch.dtype:
     """The dtype of ``exp_avg``/``exp_avg_sq`` for ``param`` under the ``state_dtype`` option.
 
-    ``auto``, ``float32`` and ``8bit`` (for the tensors it does not quantize) keep float32 moments for bfloat16 and float16 parameters (in
-    bfloat16, ``(1 - beta2) * g*g`` is below v's resolution at beta2 = 0.9999, so v would
-    never move); wider parameters keep their own dtype either way.
+    ``auto``, ``float32`` and ``8bit`` (for the tensors it does not quantize) keep float32
+    moments for bfloat16 and float16 parameters (in bfloat16, ``(1 - beta2) * g*g`` is below
+    v's resolution at beta2 = 0.9999, so v would never move); wider parameters keep their own
+    dtype either way.
     """
     if state_dtype != "param" and param.dtype in LOW_PRECISION:
         return torch.float32
@@ -300,3 +301,14 @@ def write_back(param: Tensor, value: Tensor, stochastic: bool) -> None:
     # Values next to the largest finite bf16 could round up to inf: truncate those instead.
     result = torch.where(torch.isinf(rounded) & torch.isfinite(value), truncated, rounded)
     param.copy_(torch.where(torch.isnan(value), value, result))
+
+
+def step_device(param: Tensor, group: dict[str, Any]) -> torch.device:
+    """Where a parameter's ``step`` lives: on the host (reading it costs no device sync, as in
+    torch.optim.Adam), or on the parameter's device when the step must not sync with the host
+    (``capturable``, and ``fused=True`` on a GPU, whose Triton kernel advances it there)."""
+    on_device = group.get("capturable") or (
+        group.get("fused") is True and param.device.type != "cpu"
+    )
+    return param.device if on_device else torch.device("cpu")
+

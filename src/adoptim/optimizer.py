@@ -309,7 +309,7 @@ class ADOPT(Optimizer):
             for p in group["params"]:  # `step` on the device only when capturable
                 state = self.state.get(p, {})
                 if "step" in state:  # a tensor, or a number in older or foreign checkpoints
-                    device = p.device if group["capturable"] else torch.device("cpu")
+                    device = _state.step_device(p, group)
                     state["step"] = torch.as_tensor(
                         state["step"], dtype=torch.float32, device=device
                     ).reshape(())
@@ -403,7 +403,7 @@ class ADOPT(Optimizer):
             if len(state) == 0:
                 # `step` lives on the host unless capturable, so that reading it costs no
                 # device sync (as in torch.optim.Adam).
-                step_device = p.device if group["capturable"] else torch.device("cpu")
+                step_device = _state.step_device(p, group)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
                 state.update(_state.new_state(p, group))  # float or 8-bit moments
             if group["differentiable"] and state["step"].requires_grad:
