@@ -24,6 +24,12 @@ def _adashift(params, **kw):
     return AdaShift(params, **kw)
 
 
+def _torchao_adamw8bit(params, **kw):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, **kw)
+
+
 # name -> (constructor, fixed keyword arguments, description)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], str]] = {
     "adam": (torch.optim.Adam, {}, "torch.optim.Adam"),
@@ -33,6 +39,12 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]
     "adopt": (ADOPT, {}, "adoptim.ADOPT, clipped (c_t = t^0.25), the paper's recommended form"),
     "adopt-noclip": (ADOPT, {"clip_lambda": None}, "adoptim.ADOPT without clipping"),
     "adoptw": (ADOPTW, {}, "adoptim.ADOPTW (decoupled weight decay)"),
+    "adopt-8bit": (ADOPT, {"state_dtype": "8bit"},
+                   "adoptim.ADOPT with 8-bit m and v (tensors of >= 4096 elements)"),
+    "adopt-8bit-all": (ADOPT, {"state_dtype": "8bit", "min_8bit_size": 0},
+                       "adoptim.ADOPT with 8-bit m and v for every tensor (toy problem)"),
+    "adoptw-8bit": (ADOPTW, {"state_dtype": "8bit"}, "adoptim.ADOPTW with 8-bit m and v"),
+    "adamw8bit-torchao": (_torchao_adamw8bit, {}, "torchao.optim.AdamW8bit (pip install torchao)"),
     "adopt-nesterov": (ADOPT, {"nesterov": True}, "adoptim.ADOPT(nesterov=True)"),
     "adopt-caution": (ADOPT, {"caution": True}, "adoptim.ADOPT(caution=True), Liang et al. 2024"),
     "adopt-nesterov-caution": (ADOPT, {"nesterov": True, "caution": True},
