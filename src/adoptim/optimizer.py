@@ -96,7 +96,9 @@ class ADOPT(Optimizer):
             v     = beta2 * v + (1 - beta2) * g*g
 
     State per parameter, under ``torch.optim.Adam``'s keys: ``step`` (calls so far, a float
-    tensor), ``exp_avg`` (m) and ``exp_avg_sq`` (v).
+    tensor), ``exp_avg`` (m) and ``exp_avg_sq`` (v); with ``state_dtype="8bit"`` the last two
+    hold flat int8/uint8 codes and ``exp_avg_scale``/``exp_avg_sq_scale`` their block scales
+    (read the moments with :meth:`moments`).
 
     Args:
         params: parameters or param-group dicts.
