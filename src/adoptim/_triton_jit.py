@@ -90,12 +90,36 @@ def _direction(g, m, denom, bound, eps, w1, b1,
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _hash_bits(seed, offs):
+    """32 well-mixed random bits per element from (seed, element index): the lowbias32 hash
+    (C. Wellons) of the index mixed with both halves of the seed. Written out rather than
+    tl.randint: the interpreter cannot run triton.language's own @jit helpers once Inductor
+    has imported triton in the same process."""
+    k1 = tl.full((), 0x7FEB352D, tl.uint32)  # typed constants: numpy (the interpreter)
+    k2 = tl.full((), 0x846CA68B, tl.uint32)  # will not mix uint32 with int64
+    golden = tl.full((), 0x9E3779B9, tl.uint32)
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    x = offs.to(tl.uint32) * golden ^ lo
+    x = x ^ (x >> 16)
+    x = x * k1
+    x = x ^ (x >> 15) ^ hi
+    x = x * k2
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _round_stochastic(x, seed, offs):
     """float32 -> bfloat16, rounding up with probability equal to the discarded fraction."""
     bits = x.to(tl.uint32, bitcast=True)
     low_bits = tl.full((), 0xFFFF, tl.uint32)  # typed constants: numpy (the interpreter)
     exp_mask = tl.full((), 0x7F800000, tl.uint32)  # will not mix uint32 with int64
-    noise = tl.randint(seed, offs.to(tl.uint32)).to(tl.uint32, bitcast=True) & low_bits
+    noise = _hash_bits(seed, offs) & low_bits
     rounded = bits + noise
     # A value next to the largest finite bf16 would round up to inf: truncate it instead.
     overflow = ((rounded & exp_mask) == exp_mask) & ((bits & exp_mask) != exp_mask)
@@ -139,7 +163,7 @@ def _count_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd, bound, w1, b1
     theta, g, m, v, denom = _inputs(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd,
                                     C_DTYPE, SCALE_G, COUPLED)
     m, u = _direction(g, m, denom, bound, eps, w1, b1, SMALL_WEIGHT, NESTEROV)
-    return tl.sum((u * g > 0).to(tl.int32), axis=0)
+    return tl.reduce((u * g > 0).to(tl.int32), 0, _add)  # tl.sum: see _hash_bits
 
 
 @triton.jit(do_not_specialize=["n_tensors", "seed"])
@@ -225,7 +249,7 @@ def adopt_kernel(
     has_tail = n_full * BLOCK < n_here
 
     if COUNT_ONLY:
-        count = tl.zeros((), dtype=tl.int32)
+        count = tl.full((), 0, tl.int32)
         for i in range(0, n_full):
             offs = start + i * BLOCK + tl.arange(0, BLOCK)
             count += _count_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, gmul, wd, bound,
@@ -296,7 +320,7 @@ def schedule_kernel(
     tl.store(row + 2, started, mask=mask)
     tl.store(row + 3, s, mask=mask)
     if CAUTION:
-        tl.store(counts_ptr + k, tl.zeros((BLOCK,), dtype=tl.int32), mask=mask)
+        tl.store(counts_ptr + k, tl.full((BLOCK,), 0, tl.int32), mask=mask)
     advanced = s32 + 1.0
     if HAS_INF:  # a skipped step keeps its count
         advanced = tl.where(tl.load(found_inf_ptr) != 0, s32, advanced)
