@@ -145,7 +145,10 @@ void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
   const float bound = t.bound, neg_bound = -t.bound, sq_weight = t.sq_weight, decay = t.decay;
   float u0p = block_offset(t.seed, blk, kStreamParam);
 
-  // Pass 1: the float32 update of this block (the for-loop path's operations, in order).
+  // Pass 1: the float32 update of this block (the for-loop path's operations, in order), and
+  // the block's new scales: largest |m| and largest v (a max reduction, exact in any order).
+  float amax = 0.0f, vmax = 0.0f;
+#pragma omp simd reduction(max : amax, vmax)
   for (int64_t i = 0; i < len; ++i) {
     float grad = load(g, i) * gmul;  // unscale (GradScaler) and sign (maximize)
     float theta = load(p, i);
@@ -179,28 +182,11 @@ void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
     vi = std::fma(sq_weight * grad, grad, vi * beta2);  // v = beta2*v + w*g*g, as addcmul_
     mbuf[i] = mi;
     vbuf[i] = vi;
+    amax = std::max(amax, std::fabs(mi));
+    vmax = std::max(vmax, vi);
     float up = u0p + kWeyl.w[i];
     up = up >= 1.0f ? up - 1.0f : up;
     store_param<P>(p, i, theta, h.stochastic, up);
-  }
-  for (int64_t i = len; i < kBlock; ++i) {  // a short last block: zeros change no maximum
-    mbuf[i] = 0.0f;
-    vbuf[i] = 0.0f;
-  }
-
-  // The block's new scales: largest |m| and largest v (16 lanes, so that it vectorises).
-  alignas(64) float lane_m[16] = {0}, lane_v[16] = {0};
-  for (int64_t i0 = 0; i0 < kBlock; i0 += 16) {
-    for (int64_t l = 0; l < 16; ++l) {
-      const float am = std::fabs(mbuf[i0 + l]);
-      lane_m[l] = am > lane_m[l] ? am : lane_m[l];
-      lane_v[l] = vbuf[i0 + l] > lane_v[l] ? vbuf[i0 + l] : lane_v[l];
-    }
-  }
-  float amax = 0.0f, vmax = 0.0f;
-  for (int64_t l = 0; l < 16; ++l) {
-    amax = lane_m[l] > amax ? lane_m[l] : amax;
-    vmax = lane_v[l] > vmax ? lane_v[l] : vmax;
   }
   const float smax = std::sqrt(vmax);
   t.sm[b] = amax;
