@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 from dataclasses import dataclass
 
@@ -146,6 +148,10 @@ def test_report_writes_markdown_and_png(tmp_path):
 def test_optimizer_by_name():
     p = [torch.nn.Parameter(torch.zeros(2))]
     for name in OPTIMIZERS:
+        if name == "adamw8bit-torchao" and importlib.util.find_spec("torchao") is None:
+            with pytest.raises(ImportError, match=r"adoptim\[bench\]"):  # says what to install
+                make_optimizer(name, p, lr=1e-3)
+            continue
         opt = make_optimizer(name, p, lr=1e-3, betas=(0.9, 0.99))
         assert isinstance(opt, torch.optim.Optimizer)
     assert make_optimizer("amsgrad", p, lr=1e-3).defaults["amsgrad"] is True

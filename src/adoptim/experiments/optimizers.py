@@ -25,8 +25,12 @@ def _adashift(params, **kw):
 
 
 def _torchao_adamw8bit(params, **kw):
-    from torchao.optim import AdamW8bit
-
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as exc:  # an optional peer, not a dependency
+        raise ImportError(
+            'adamw8bit-torchao needs torchao: pip install "adoptim[bench]" (or torchao)'
+        ) from exc
     return AdamW8bit(params, **kw)
 
 
