@@ -23,18 +23,11 @@ from adoptim._kernel_cache import (
     load_kernel,
 )
 from adoptim._schedule import call_scalars
+from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling, view_as_real_if_complex
 
 __all__ = ["SUPPORTED_DTYPES", "default_to_fused", "fused_adopt", "unsupported_reason"]
 
-SUPPORTED_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.bfloat16,
-    torch.float16,
-    torch.complex64,
-    torch.complex128,
-)
 
 
 def _disabled() -> bool:

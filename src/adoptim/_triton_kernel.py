@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from adoptim._schedule import call_scalars
+from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling
 
 __all__ = [
@@ -59,14 +60,6 @@ DEFAULT_ON_CUDA = False
 GPU_DEVICE_TYPES = ("cuda",)  # ROCm builds of torch name their devices "cuda" too
 INSTALL_HINT = "pip install 'adoptim[gpu]' (or pip install triton)"
 
-SUPPORTED_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.bfloat16,
-    torch.float16,
-    torch.complex64,
-    torch.complex128,
-)
 _REAL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _PLAIN = (Tensor, torch.nn.Parameter)

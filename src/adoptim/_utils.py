@@ -6,11 +6,23 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "KERNEL_DTYPES",
     "as_scalar",
     "group_by_device_and_dtype",
     "is_compiling",
     "view_as_real_if_complex",
 ]
+
+
+# Parameter dtypes both fused kernels (C++ and Triton) take; complex ones as real views.
+KERNEL_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.complex64,
+    torch.complex128,
+)
 
 
 def is_compiling() -> bool:
