@@ -51,7 +51,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from adoptim.experiments.runner import (
     config_dict,
     load_results,
     new_figure,
+    progress_bars,
     run_id,
     run_sweep,
     set_threads,
@@ -496,6 +497,9 @@ def run(sweep: list[Config], out: Path, progress: bool = True) -> None:
     else:
         pool = _Inline()
     order = {t: i for i, t in enumerate(RUN_ORDER)}
+    reused = sum(_done(out, c) for c in sweep)
+    if reused:  # as the shared runner says it
+        print(f"[transfer] reused {reused} finished runs (delete {out} to rerun)", flush=True)
     try:
         for seed in dict.fromkeys(c.seed for c in s1):
             grid = sorted((c for c in s1 if c.seed == seed), key=lambda c: order[c.task])
@@ -505,7 +509,9 @@ def run(sweep: list[Config], out: Path, progress: bool = True) -> None:
             running: dict = {}
             failed: list[Config] = []
 
-            def add_stage2():
+            # Called within this iteration only; the defaults bind this seed's containers.
+            def add_stage2(running=running, queue=queue, seed=seed, queued2=queued2,
+                           ready=ready):
                 plan(sweep, out, eight_bit)
                 busy = {q.task for q in [*running.values(), *queue] if is_stage1(q)}
                 for c in sweep:
@@ -517,7 +523,8 @@ def run(sweep: list[Config], out: Path, progress: bool = True) -> None:
 
             add_stage2()
             with tqdm(total=len(grid) + len(ready), initial=len(grid) - len(queue),
-                      position=0, desc=f"transfer seed {seed}", disable=not progress,
+                      position=0, desc=f"transfer seed {seed}",
+                      disable=not progress_bars(progress),
                       dynamic_ncols=True) as bar:
                 while queue or ready or running:
                     while len(running) < jobs and (ready or queue):
