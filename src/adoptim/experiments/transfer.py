@@ -497,7 +497,8 @@ def run(sweep: list[Config], out: Path, progress: bool = True) -> None:
     else:
         pool = _Inline()
     order = {t: i for i, t in enumerate(RUN_ORDER)}
-    reused = sum(_done(out, c) for c in sweep)
+    # stage 2 as far as the finished runs determine it, so the count covers those runs too
+    reused = sum(_done(out, c) for c in plan(list(sweep), out, eight_bit))
     if reused:  # as the shared runner says it
         print(f"[transfer] reused {reused} finished runs (delete {out} to rerun)", flush=True)
     try:
