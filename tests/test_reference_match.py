@@ -129,21 +129,9 @@ tensor_plans = st.builds(
 )
 
 
-def run_against_reference(path, group_cfgs, plans, dtype, tensor_lr, seed, check_each_step=None):
-    """Run both for N_STEPS; return (library tensors, optimizer, reference).
-
-    With ``check_each_step(params, opt, ref)``, it is called after every step, after which the
-    reference's values are copied into the optimizer (step counts are not), so that each
-    step's update is checked on its own: float64 rounding differences (an FMA here, a lerp
-    there) would otherwise grow along ill-conditioned trajectories (beta2 = 0 divides by the
-    previous gradient) and hide what the test is about.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    complex_dtype = {torch.float64: torch.complex128, torch.float32: torch.complex64}[dtype]
-    params = [
-        torch.randn(p.shape, generator=gen, dtype=complex_dtype if p.is_complex else dtype)
-        for p in plans
-    ]
+def build_groups(group_cfgs, plans, params, tensor_lr):
+    """The optimizer's param groups, the reference's per-tensor Hypers and the custom clip
+    callable (or None) for a drawn scenario; every reference test builds them here."""
     groups, hypers = [], []
     clip_fn = None
     for gi, cfg in enumerate(group_cfgs):
@@ -191,7 +179,25 @@ def run_against_reference(path, group_cfgs, plans, dtype, tensor_lr, seed, check
         hypers = [
             Hyper(**{**h.__dict__, "clip": clip_fn if h.clip is None else h.clip}) for h in hypers
         ]
-    groups = [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"]], hypers, clip_fn
+
+
+def run_against_reference(path, group_cfgs, plans, dtype, tensor_lr, seed, check_each_step=None):
+    """Run both for N_STEPS; return (library tensors, optimizer, reference).
+
+    With ``check_each_step(params, opt, ref)``, it is called after every step, after which the
+    reference's values are copied into the optimizer (step counts are not), so that each
+    step's update is checked on its own: float64 rounding differences (an FMA here, a lerp
+    there) would otherwise grow along ill-conditioned trajectories (beta2 = 0 divides by the
+    previous gradient) and hide what the test is about.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    complex_dtype = {torch.float64: torch.complex128, torch.float32: torch.complex64}[dtype]
+    params = [
+        torch.randn(p.shape, generator=gen, dtype=complex_dtype if p.is_complex else dtype)
+        for p in plans
+    ]
+    groups, hypers, clip_fn = build_groups(group_cfgs, plans, params, tensor_lr)
     ref = ReferenceADOPT(params, hypers)
     opt = ADOPT(groups, clip_lambda=clip_fn if clip_fn is not None else 0.25, **PATHS[path])
 
