@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "rl_sac": "adoptim.experiments.rl_sac",
     "options": "adoptim.experiments.options",
     "transfer": "adoptim.experiments.transfer",
+    "lowbit": "adoptim.experiments.lowbit",
 }
 
 
