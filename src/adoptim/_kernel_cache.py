@@ -60,11 +60,21 @@ def _build_flags() -> list[str]:
     # -fno-trapping-math changes no value (it lets the compiler evaluate both sides of a
     # select and vectorise floor); without it the 8-bit kernel's requantization loop stays
     # scalar, about 4x slower.
-    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-    # Without these the loop is compiled for baseline x86-64 (SSE2) and runs ~2x slower.
-    # (AVX-512 flags were measured too: no faster here, the loop is memory-bound with AVX2.)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    # -ffp-contract=off: the kernels write every fused multiply-add they mean (std::fma, where
+    # torch's vectorised kernels use one) and the compiler must not add others, so that the
+    # kernels reproduce the for-loop path's float32 arithmetic bit for bit.
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    # Without these the loops are compiled for baseline x86-64 (SSE2) and run ~2x slower.
+    # The instruction set follows the CPU capability torch itself dispatches to (and is part
+    # of the cache key, so a cache shared with an older CPU gets its own build). With AVX-512
+    # the 8-bit kernel, which is compute-bound, runs ~2x faster than with AVX2 (measured on
+    # AMD EPYC Zen 4; the float kernel is memory-bound either way).
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                  "-mprefer-vector-width=512"]
     # at::parallel_for is inline OpenMP: without -fopenmp its pragma is ignored and the
     # kernel runs on one thread whatever torch.get_num_threads() says.
     if torch.backends.openmp.is_available():

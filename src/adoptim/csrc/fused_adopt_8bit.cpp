@@ -13,13 +13,12 @@
 // _quant.py: one hash per block and stream, then a Weyl sequence over the block. The
 // arithmetic is written as the Python one, operation by operation: fused multiply-adds are
 // written out (std::fma) exactly where torch's vectorised CPU kernels use them (lerp_, add_
-// with alpha, addcmul_), and the one product the compiler could otherwise fuse with an add
-// (m * 127/A + u) is taken in a loop of its own, so that the kernel and the for-loop path
-// produce the same parameters and codes (apart from rare elements that torch computes in a
-// loop's scalar tail). (No `#pragma GCC optimize("fp-contract=off")`: it stops inlining into
-// the marked functions.) The requantization loop vectorises only with -fno-trapping-math
-// (floor, and selects between computed values): _kernel_cache builds with it, which changes
-// no result.
+// with alpha, addcmul_), and _kernel_cache builds with -ffp-contract=off so that the compiler
+// fuses no other product with an add (m * 127/A + u below), so that the kernel and the
+// for-loop path produce the same parameters and codes (apart from rare elements that torch
+// computes in a loop's scalar tail). The requantization loop vectorises only with
+// -fno-trapping-math (floor, and selects between computed values): _kernel_cache builds with
+// it, which changes no result.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -199,27 +198,23 @@ void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
 
   // Pass 2: requantize, as _quant.quantize_m / quantize_v.
   for (int64_t i = 0; i < len; ++i) {
-    mbuf[i] = mbuf[i] * m_inv;  // y = m * (127 / A), rounded before the add below
-  }
-  for (int64_t i = 0; i < len; ++i) {
     float um = u0m + kWeyl.w[i];
     um = um >= 1.0f ? um - 1.0f : um;
-    float ym = std::floor(mbuf[i] + um);
+    float ym = std::floor(mbuf[i] * m_inv + um);  // y = m * (127 / A), rounded, then + u
     ym = ym < -kMLevels ? -kMLevels : ym;
     ym = ym > kMLevels ? kMLevels : ym;
     qm[i] = static_cast<int8_t>(static_cast<int32_t>(ym));
 
     const float v = vbuf[i];
     float lo = std::floor(std::sqrt(std::sqrt(v) * v_inv));  // 255 * sqrt(sqrt(v) / S)
-    lo = lo < 0.0f ? 0.0f : lo;
-    lo = lo > 254.0f ? 254.0f : lo;
+    lo = lo > 254.0f ? 254.0f : lo;  // (and lo >= 0, or NaN: a square root)
     const float hi = lo + 1.0f;
     const float s_lo = (lo * lo) * v_step, s_hi = (hi * hi) * v_step;
     const float v_lo = s_lo * s_lo, v_hi = s_hi * s_hi;
     float uv = u0v + kWeyl.w[i];
     uv = uv >= 1.0f ? uv - 1.0f : uv;
     float qf = lo + (uv * (v_hi - v_lo) < v - v_lo ? 1.0f : 0.0f);  // unbiased in v
-    qf = ((qf == 0.0f) & (v > 0.0f)) ? 1.0f : qf;  // no zero code for a nonzero v
+    qf = (v > 0.0f) & (qf < 1.0f) ? 1.0f : qf;  // no zero code for a nonzero v
     qv[i] = static_cast<uint8_t>(static_cast<int32_t>(qf));
   }
 }
