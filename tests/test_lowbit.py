@@ -1,7 +1,7 @@
 """8-bit optimizer state (``state_dtype="8bit"``): the format, every path against a float64
 reference of the same algorithm (dequantize -> ADOPT update -> quantize), the kernel against
-the for-loop path, v not freezing, checkpoints, low-precision parameters, from_adam and the
-options.
+the for-loop path, v not freezing, checkpoints, low-precision parameters, from_adam, the
+options, and DTensor parameters on one rank (FSDP2 on 2 ranks: tests/test_distributed.py).
 
 The reference check runs the hypothesis scenarios of test_reference_match (groups, complex,
 weight-decay modes, maximize, clip modes, tensor lr, late and frozen tensors): before each
@@ -450,3 +450,99 @@ def test_from_adam_8bit():
     params[0].grad = torch.randn(6000, generator=gen)
     eight.step()
     assert math.isfinite(params[0].sum().item())
+
+
+# --------------------------------------------------------------------------------------------
+# DTensor parameters (FSDP2) on one rank, in this process: the shard is the whole tensor, so
+# the state must be the plain tensor's, bit for bit. Two ranks, DCP and FSDP2 itself:
+# tests/test_distributed.py (test_fsdp2_8bit_shards_match_plain_and_resume_bit_for_bit).
+
+
+@pytest.fixture
+def one_rank():
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+MESHES = {
+    "fsdp": ((1,), lambda Shard, Replicate: [Shard(0)]),
+    "hsdp": ((1, 1), lambda Shard, Replicate: [Replicate(), Shard(0)]),
+    "dim1": ((1,), lambda Shard, Replicate: [Shard(1)]),
+}
+
+
+@pytest.mark.parametrize("mesh_kind", list(MESHES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("path", list(PATHS8))
+def test_dtensor_8bit_state_is_the_plain_state_on_one_rank(path, dtype, mesh_kind, one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    require(path)
+    if path in ("fused", "default") and fused_unavailable_reason() is None:
+        from adoptim import _kernel_cache
+
+        _kernel_cache.load_kernel(wait=True, timeout=600)
+    shape, placements = MESHES[mesh_kind]
+    mesh = init_device_mesh("cpu", shape)
+    placements = placements(Shard, Replicate)
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(40, 30, generator=gen).to(dtype), torch.randn(9, 7, generator=gen)]
+    grads = [[torch.randn(x.shape, generator=gen).to(x.dtype) for x in init] for _ in range(5)]
+    kw = dict(**EIGHT, **PATHS8[path], weight_decay=0.1, nesterov=True,
+              stochastic_rounding=dtype == torch.bfloat16)  # fmt: skip
+    plain = [x.clone().requires_grad_() for x in init]
+    plain_opt = ADOPTW(plain, **kw)
+    dparams = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, placements)) for x in init]
+    opt = ADOPTW(dparams, **kw)  # once refused: "state_dtype='8bit' takes plain tensors"
+    for gs in grads:
+        for d, p, g in zip(dparams, plain, gs):
+            d.grad = distribute_tensor(g.clone(), mesh, placements)
+            p.grad = g.clone()
+        opt.step()
+        plain_opt.step()
+        for d, p in zip(dparams, plain):
+            assert torch.equal(d.to_local(), p.detach())
+            state, plain_state = opt.state[d], plain_opt.state[p]
+            for key in ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"):
+                assert isinstance(state[key], DTensor)
+                assert torch.equal(state[key].to_local().reshape(-1), plain_state[key]), key
+            for a, b in zip(opt.moments(d), plain_opt.moments(p)):
+                assert isinstance(a, DTensor) and a.placements == d.placements
+                assert torch.equal(a.to_local(), b)
+    codes = opt.state[dparams[0]]["exp_avg"]
+    real_shape = (40, 30, 2) if dtype.is_complex else (40, 30)
+    assert codes.dtype == torch.int8 and tuple(codes.shape) == real_shape
+    assert codes.placements == dparams[0].placements
+    scales = opt.state[dparams[0]]["exp_avg_scale"]
+    blocks = _quant.num_blocks(math.prod(real_shape))
+    assert tuple(scales.shape) == (1,) * len(shape) + (blocks,)
+    # plain state_dict round trip in the same mesh: bit for bit
+    again = ADOPTW(dparams, **kw)
+    again.load_state_dict(opt.state_dict())
+    for key, value in opt.state[dparams[1]].items():
+        loaded = again.state[dparams[1]][key]
+        assert type(loaded) is type(value) and loaded.dtype == value.dtype
+        if isinstance(value, DTensor):
+            loaded, value = loaded.to_local(), value.to_local()
+        assert torch.equal(loaded, value), key
+
+
+def test_dtensor_8bit_refuses_other_placements(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (1,))
+    strided = DTensor.from_local(torch.zeros(8, 4), mesh, [_StridedShard(0, split_factor=2)])
+    with pytest.raises(ValueError, match=r"placements.*Shard\(dim\) and Replicate\(\)"):
+        ADOPT([torch.nn.Parameter(strided)], **EIGHT)
+    ADOPT([torch.nn.Parameter(strided)], state_dtype="auto")  # float state takes any

@@ -74,7 +74,7 @@ def multi_tensor_adopt(
         if caution:  # u = u * mask / mean(mask), mask = [u*g > 0]; a per-tensor mean
             masks = [(u * g > 0).to(u.dtype) for u, g in zip(updates, b_grads)]
             updates = [
-                (u * mask).div_(mask.mean().clamp_(min=1e-3)) for u, mask in zip(updates, masks)
+                (u * mask).div_(mask.mean().clamp(min=1e-3)) for u, mask in zip(updates, masks)
             ]
             del masks
         if isinstance(lr, Tensor):  # theta = theta - lr*u

@@ -84,8 +84,9 @@ def single_tensor_adopt(
         if nesterov:  # u = beta1*m + (1-beta1)*n: one momentum step ahead
             update = exp_avg.lerp(normed, 1 - beta1)
         if caution:  # u = u * mask / mean(mask), mask = [u*g > 0]
+            # clamp out of place: a DTensor's mean is Partial until reduced, which clamp_ refuses
             mask = (update * grad > 0).to(update.dtype)
-            update = (update * mask).div_(mask.mean().clamp_(min=1e-3))
+            update = (update * mask).div_(mask.mean().clamp(min=1e-3))
         if isinstance(lr, Tensor):
             update = update.clone() if tracking and update is exp_avg else update
             param.addcmul_(update, lr, value=-1)

@@ -14,6 +14,10 @@ its call count and size (:func:`adoptim._quant.state_seed`; stored nowhere, no g
 drawn from), and every path derives the same random numbers from it, so the for-loop path and
 the kernel agree to float32 rounding (a code may differ by one where the two round an
 intermediate differently).
+
+DTensor parameters (FSDP2): every path steps each rank's local shard and its local codes and
+scales (:mod:`adoptim._sharded`), except that with ``caution`` the float32 update sees
+DTensors, so that the mask's mean is over the whole tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant
+from adoptim import _quant, _sharded
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["adopt_8bit", "run_dequantized", "stochastic_round_bf16"]
@@ -42,7 +46,7 @@ def _real_flat(t: Tensor) -> Tensor:
 def stochastic_round_bf16(value: Tensor, seed: int) -> Tensor:
     """float32 -> bfloat16, rounding up with probability equal to the discarded fraction, with
     the 16 random bits taken from the format's dither (stream 2), as the kernel does."""
-    u = _quant.dither(seed, _quant.STREAM_PARAM, value.numel())
+    u = _quant.dither(seed, _quant.STREAM_PARAM, value.numel(), value.device)
     noise = (u * 65536.0).to(torch.int32)
     bits = value.contiguous().view(torch.int32)
     rounded = ((bits + noise) & -65536).view(torch.float32)
@@ -81,10 +85,17 @@ def run_dequantized(
     budget: int,
     grad_scale: Tensor | None,
     stochastic_rounding: bool,
+    sharded: dict[int, Tensor] | None = None,
     **kwargs: Any,
 ) -> None:
-    """Dequantize → ``func`` (a float32 update path) → requantize, chunk by chunk."""
+    """Dequantize → ``func`` (a float32 update path) → requantize, chunk by chunk.
+
+    ``sharded``: the DTensor parameters (by index) whose local shards these lists hold. With
+    ``caution`` their float32 copies are handed to ``func`` as DTensors, so that the mean of
+    the caution mask is over the whole tensor (DTensor reduces it across ranks), as on the
+    float-state paths and in one process; the rest of the update is elementwise."""
     kwargs = {**kwargs, "has_complex": False}  # the flat copies are real
+    wrap = sharded if sharded and kwargs.get("caution") else {}
     for chunk in _chunks(params, index, budget):
         work_p, work_g, work_m, work_v, inplace = [], [], [], [], []
         for i in chunk:
@@ -99,7 +110,13 @@ def run_dequantized(
             work_g.append(g)
             work_m.append(_quant.dequantize_m(m_codes[i], m_scales[i]))
             work_v.append(_quant.dequantize_v(v_codes[i], v_scales[i]))
-        func(work_p, work_g, work_m, work_v, [state_steps[i] for i in chunk], **kwargs)
+        lists = (work_p, work_g, work_m, work_v)
+        if any(i in wrap for i in chunk):  # in place on DTensors over the same storage
+            lists = tuple(
+                [_sharded.as_sharded(t, wrap[i]) if i in wrap else t for t, i in zip(seq, chunk)]
+                for seq in lists
+            )
+        func(*lists, [state_steps[i] for i in chunk], **kwargs)
         for k, i in enumerate(chunk):
             _quant.quantize_m(work_m[k], seeds[i], m_codes[i], m_scales[i])
             _quant.quantize_v(work_v[k], seeds[i], v_codes[i], v_scales[i])
@@ -137,6 +154,15 @@ def adopt_8bit(
     """
     from adoptim import _foreach, _forloop  # the float32 paths this one is defined by
 
+    sharded = {i: params[i] for i in index if _sharded.is_dtensor(params[i])}
+    if sharded:  # FSDP2: each rank steps its local shard
+        params, grads, m_codes, m_scales, v_codes, v_scales = (
+            list(seq) for seq in (params, grads, m_codes, m_scales, v_codes, v_scales)
+        )
+        for i in sharded:
+            state = (m_codes[i], m_scales[i], v_codes[i], v_scales[i])
+            params[i], grads[i], state = _sharded.local_views(params[i], grads[i], state)
+            m_codes[i], m_scales[i], v_codes[i], v_scales[i] = state
     lists = (params, grads, m_codes, m_scales, v_codes, v_scales, state_steps)
     if path == "fused":
         from adoptim import _lowbit_kernel
@@ -154,5 +180,6 @@ def adopt_8bit(
     run_dequantized(
         func, index, *lists, seeds,
         budget=_CHUNK_ELEMENTS if path == "foreach" else 0,
-        grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, **kwargs,
+        grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, sharded=sharded,
+        **kwargs,
     )  # fmt: skip

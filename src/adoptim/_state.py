@@ -10,7 +10,8 @@ least ``min_8bit_size`` real elements (default 4,096, as bitsandbytes and torcha
 tensors, and float64 ones, keep the moments ``"auto"`` would give them. State entries of an
 8-bit tensor, all plain tensors: ``exp_avg`` (int8 codes of m, flat), ``exp_avg_scale``
 (float32, one per block of 256), ``exp_avg_sq`` (uint8 codes of v, flat), ``exp_avg_sq_scale``
-and ``step``.
+and ``step``. For a DTensor parameter (FSDP2) they are DTensors holding the local shard's
+codes and scales (layout: :mod:`adoptim._sharded`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant
+from adoptim import _quant, _sharded
 
 __all__ = [
     "LOW_PRECISION",
@@ -45,6 +46,8 @@ STATE_DTYPES = ("auto", "float32", "param", "8bit")
 #: parameter dtypes whose moments ``state_dtype="8bit"`` quantizes
 QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 SCALE_KEYS = {"exp_avg": "exp_avg_scale", "exp_avg_sq": "exp_avg_sq_scale"}
+#: the state entries of an 8-bit tensor besides ``step``, in the update paths' order
+_8BIT_KEYS = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
 
 
 def resolve_state_dtype(value: Any) -> str:
@@ -84,13 +87,14 @@ def check_8bit_groups(param_groups: list[dict[str, Any]], *, fused: bool | None)
                     "CUDA graph nor autograd can follow; use state_dtype='auto'"
                 )
         for p in group["params"]:
-            if type(p) not in (Tensor, torch.nn.Parameter):
+            if _sharded.is_dtensor(p):  # FSDP2: each rank quantizes its local shard
+                reason = _sharded.refusal(p)
+                if reason is not None:
+                    raise ValueError(f"state_dtype='8bit' cannot be used: {reason}")
+            elif type(p) not in (Tensor, torch.nn.Parameter):
                 raise ValueError(
-                    f"state_dtype='8bit' takes plain tensors, and a parameter is a "
-                    f"{type(p).__name__} (e.g. a DTensor from FSDP2 or tensor parallelism): "
-                    "its block-wise codes and scales would need to be sharded and saved "
-                    "like the parameter, which is not implemented; use state_dtype='auto' "
-                    "with FSDP2 (DDP and ZeroRedundancyOptimizer work with '8bit')"
+                    f"state_dtype='8bit' takes plain tensors and DTensors, and a parameter "
+                    f"is a {type(p).__name__}; use state_dtype='auto'"
                 )
 
 
@@ -109,6 +113,8 @@ def is_8bit(param: Tensor, group: dict[str, Any]) -> bool:
 
 def new_state(param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
     """Zero moments for ``param`` in the format its group asks for (``step`` not included)."""
+    if is_8bit(param, group) and _sharded.is_dtensor(param):
+        return _sharded.new_sharded_state(param)  # codes and scales of the local shard
     if is_8bit(param, group):
         n = _real_numel(param)
         blocks = _quant.num_blocks(n)
@@ -137,8 +143,18 @@ def moments(state: dict[str, Any], param: Tensor) -> tuple[Tensor, Tensor]:
     parameters), whatever the state format; zeros before its first step."""
     if "exp_avg" not in state:
         shape_dtype = torch.complex64 if param.is_complex() else torch.float32
-        zeros = torch.zeros(param.shape, dtype=shape_dtype, device=param.device)
+        if _sharded.is_dtensor(param):  # sharded like it
+            zeros = torch.zeros_like(param, dtype=shape_dtype)
+        else:
+            zeros = torch.zeros(param.shape, dtype=shape_dtype, device=param.device)
         return zeros, zeros.clone()
+    if "exp_avg_scale" in state and _sharded.is_dtensor(param):  # the local shard's blocks
+        _, _, (m_codes, m_scale, v_codes, v_scale) = _sharded.local_views(
+            param, None, tuple(state[k] for k in _8BIT_KEYS)
+        )
+        m = _quant.dequantize_m(m_codes, m_scale)
+        v = _quant.dequantize_v(v_codes, v_scale)
+        return _sharded.shaped_like(m, param), _sharded.shaped_like(v, param)
     if "exp_avg_scale" in state:
         m = _quant.dequantize_m(state["exp_avg"], state["exp_avg_scale"])
         v = _quant.dequantize_v(state["exp_avg_sq"], state["exp_avg_sq_scale"])
@@ -161,7 +177,10 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
                 continue
             have = "exp_avg_scale" in state
             want = is_8bit(p, group)
-            if have:
+            sharded = _sharded.is_dtensor(p)
+            if have and sharded:
+                _sharded.check_sharded_state(p, state)
+            elif have:
                 n = _real_numel(p)
                 for key in ("exp_avg", "exp_avg_sq"):
                     if state[key].numel() != n or state[key].dtype not in (torch.int8, torch.uint8):
@@ -170,12 +189,18 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
                             f"codes but its parameter has {n} elements"
                         )
             if want and not have:
-                m, v = (_real_flat_f32(state[k]) for k in ("exp_avg", "exp_avg_sq"))
+                m, v = (
+                    _real_flat_f32(state[k].to_local() if sharded else state[k])
+                    for k in ("exp_avg", "exp_avg_sq")
+                )
                 state.update(new_state(p, group))
+                _, _, (m_codes, m_scale, v_codes, v_scale) = _sharded.local_views(
+                    p, None, tuple(state[k] for k in _8BIT_KEYS)
+                )
                 step = float(state.get("step", 0.0))
-                seed = _quant.state_seed(step, state["exp_avg"].numel())
-                _quant.quantize_m(m, seed, state["exp_avg"], state["exp_avg_scale"])
-                _quant.quantize_v(v, seed, state["exp_avg_sq"], state["exp_avg_sq_scale"])
+                seed = _quant.state_seed(step, m_codes.numel())  # the local size, as a step
+                _quant.quantize_m(m, seed, m_codes, m_scale)
+                _quant.quantize_v(v, seed, v_codes, v_scale)
             elif have and not want:
                 m, v = moments(state, p)
                 del state["exp_avg_scale"], state["exp_avg_sq_scale"]
