@@ -29,6 +29,8 @@ RUNS = {
     "for-loop": (ADOPT, {"lr": 1e-2, "foreach": False, "fused": False}),
     "foreach": (ADOPTW, {"lr": 1e-2, "weight_decay": 0.1, "foreach": True, "fused": False}),
     "default": (ADOPT, {"lr": 1e-2, "weight_decay": 0.05}),
+    # caution's mask mean is over the whole tensor, which one FSDP2 shard does not see
+    "fused-caution": (ADOPT, {"lr": 1e-2, "caution": True, "fused": True}),
 }
 #: 8-bit state (every tensor quantized: the model's are small), DDP and ZeRO.
 RUNS_8BIT = {

@@ -132,13 +132,20 @@ def fused_adopt(
 
     # One kernel call per (parameter dtype, state dtype); tensors it cannot walk go aside.
     # This loop is the per-step Python cost of many small tensors: cheap checks first.
+    buckets: dict[tuple, list[int]] = {}
+    aside: list[int] = []
     if not all(type(p) in (Tensor, torch.nn.Parameter) for p in params):  # DTensors
+        if kwargs["caution"]:
+            # caution rescales by the mask's mean over the whole tensor, which a shard does
+            # not see: DTensors take the for-loop path (its mean is a DTensor reduction)
+            aside = [i for i, p in enumerate(params) if type(p) not in (Tensor, torch.nn.Parameter)]
         params, grads, exp_avgs, exp_avg_sqs = (
             [_local(t) for t in seq] for seq in (params, grads, exp_avgs, exp_avg_sqs)
         )
-    buckets: dict[tuple, list[int]] = {}
-    aside: list[int] = []
+    skip = set(aside)
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if i in skip:
+            continue
         if p.is_contiguous() and m.is_contiguous() and v.is_contiguous():
             walkable = g.shape == p.shape
         else:  # e.g. channels_last: any dense layout works when the moments share it

@@ -383,7 +383,10 @@ def triton_adopt(
     plain = all(type(t) in _PLAIN for t in params)
     for i in all_indices:
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-        if not plain:  # DTensors: their local shards
+        if not plain and type(p) not in _PLAIN:  # DTensors: their local shards
+            if caution:  # the mask's mean is over the whole tensor: the for-loop path
+                aside.append(i)
+                continue
             p, g, m, v = _local(p), _local(g), _local(m), _local(v)
         p_dtype, s_dtype = p.dtype, m.dtype
         if p_dtype in _COMPLEX_DTYPES:  # real and imaginary parts as separate coordinates
