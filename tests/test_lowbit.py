@@ -395,6 +395,9 @@ def test_state_dict_refuses_codes_of_another_size():
 
 
 def test_threshold_moments_and_memory():
+    # seeded: v of the complex tensor is checked to 20 %, and an element far below its
+    # block's largest v is coded more coarsely than that (unseeded, 2 of 4 runs failed)
+    torch.manual_seed(0)
     big = torch.randn(300, 100, requires_grad=True)
     small = torch.randn(4095, requires_grad=True)
     dbl = torch.randn(5000, dtype=torch.float64, requires_grad=True)

@@ -123,99 +123,161 @@ inline void store_param<c10::BFloat16>(c10::BFloat16* p, int64_t i, float x, boo
   p[i] = c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// One block: dequantize, update, requantize. The template parameters are the choices that
-// are the same for every element, so that the loops have no branches and vectorise.
-template <typename P, bool kCoupled, bool kSmallWeight, bool kNesterov>
-void block_step(const Tensor8& t, int64_t b, const Hyper& h) {
-  const int64_t j0 = b * kBlock;
-  const int64_t len = std::min(kBlock, t.n - j0);
-  P* __restrict p = static_cast<P*>(t.p) + j0;
-  const P* __restrict g = static_cast<const P*>(t.g) + j0;
-  int8_t* __restrict qm = t.qm + j0;
-  uint8_t* __restrict qv = t.qv + j0;
-  const uint32_t blk = static_cast<uint32_t>(b);
+// A block's work is two loops: pass 1 (dequantize, the float32 update, write theta, keep the
+// new m and v in an L1 buffer and take the block's new scales: largest |m| and largest v, a
+// max reduction, exact in any order), then pass 2 (requantize from the buffer). Pass 1 is
+// memory-bound and pass 2 compute-bound, so a task runs them software-pipelined: one loop
+// does pass 1 of block b+1 and pass 2 of block b, element by element, so that the core
+// computes while it waits for memory. Every element gets the same operations in the same
+// order either way. The template parameters are the choices that are the same for every
+// element, so that the loops have no branches and vectorise.
 
-  alignas(64) float mbuf[kBlock];
-  alignas(64) float vbuf[kBlock];
-  const float m_step = t.sm[b] / kMLevels;
-  const float s_step = t.sv[b] / kVLevels2;
+struct Pass1 {  // block b's inputs for pass 1
+  void* p;
+  const void* g;
+  const int8_t* qm;
+  const uint8_t* qv;
+  float* mbuf;
+  float* vbuf;
+  float m_step, s_step, u0p;
+  const Tensor8* t;
+  float amax, vmax;  // out: the block's largest |m| and v
+};
+
+struct Pass2 {  // block b's inputs for pass 2
+  int8_t* qm;
+  uint8_t* qv;
+  const float* mbuf;
+  const float* vbuf;
+  float m_inv, v_step, v_inv, u0m, u0v;
+};
+
+inline int64_t block_len(const Tensor8& t, int64_t b) { return std::min(kBlock, t.n - b * kBlock); }
+
+// Pass 1's inputs for block b of t, reading the block's old scales.
+inline Pass1 pass1_of(const Tensor8& t, int64_t b, size_t elem, float* mbuf, float* vbuf) {
+  const int64_t j0 = b * kBlock;
+  Pass1 a;
+  a.p = static_cast<char*>(t.p) + j0 * elem;
+  a.g = static_cast<const char*>(t.g) + j0 * elem;
+  a.qm = t.qm + j0;
+  a.qv = t.qv + j0;
+  a.mbuf = mbuf;
+  a.vbuf = vbuf;
+  a.m_step = t.sm[b] / kMLevels;
+  a.s_step = t.sv[b] / kVLevels2;
+  a.u0p = block_offset(t.seed, static_cast<uint32_t>(b), kStreamParam);
+  a.t = &t;
+  a.amax = 0.0f;
+  a.vmax = 0.0f;
+  return a;
+}
+
+// After pass 1 of block b: store its new scales and return pass 2's inputs.
+inline Pass2 pass2_of(const Tensor8& t, int64_t b, const Pass1& a) {
+  const int64_t j0 = b * kBlock;
+  const uint32_t blk = static_cast<uint32_t>(b);
+  const float smax = std::sqrt(a.vmax);
+  t.sm[b] = a.amax;
+  t.sv[b] = smax;
+  Pass2 c;
+  c.qm = t.qm + j0;
+  c.qv = t.qv + j0;
+  c.mbuf = a.mbuf;
+  c.vbuf = a.vbuf;
+  c.m_inv = a.amax > 0.0f ? kMLevels / a.amax : 0.0f;
+  c.v_step = smax / kVLevels2;
+  c.v_inv = smax > 0.0f ? kVLevels2 / smax : 0.0f;
+  c.u0m = block_offset(t.seed, blk, kStreamM);
+  c.u0v = block_offset(t.seed, blk, kStreamV);
+  return c;
+}
+
+// len elements of pass 1 of block a (kP1) and/or pass 2 of block c (kP2).
+template <typename P, bool kCoupled, bool kSmallWeight, bool kNesterov, bool kP1, bool kP2>
+void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper& h) {
+  P* __restrict p = static_cast<P*>(a.p);
+  const P* __restrict g = static_cast<const P*>(a.g);
+  const int8_t* __restrict qm_in = a.qm;
+  const uint8_t* __restrict qv_in = a.qv;
+  float* __restrict mbuf_out = a.mbuf;
+  float* __restrict vbuf_out = a.vbuf;
+  int8_t* __restrict qm_out = c.qm;
+  uint8_t* __restrict qv_out = c.qv;
+  const float* __restrict mbuf_in = c.mbuf;
+  const float* __restrict vbuf_in = c.vbuf;
+  const float m_step = a.m_step, s_step = a.s_step, u0p = a.u0p;
   const float neg_lr = -h.lr, w1 = h.w1, w1_minus_one = h.w1 - 1.0f, beta2 = h.beta2;
   const float eps = h.eps, wd = h.wd, gmul = h.gmul;
-  const float bound = t.bound, neg_bound = -t.bound, sq_weight = t.sq_weight, decay = t.decay;
-  float u0p = block_offset(t.seed, blk, kStreamParam);
-
-  // Pass 1: the float32 update of this block (the for-loop path's operations, in order), and
-  // the block's new scales: largest |m| and largest v (a max reduction, exact in any order).
+  const float bound = kP1 ? a.t->bound : 0.0f, sq_weight = kP1 ? a.t->sq_weight : 0.0f;
+  const float decay = kP1 ? a.t->decay : 1.0f, neg_bound = -bound;
+  const float m_inv = c.m_inv, v_step = c.v_step, v_inv = c.v_inv, u0m = c.u0m, u0v = c.u0v;
   float amax = 0.0f, vmax = 0.0f;
 #pragma omp simd reduction(max : amax, vmax)
   for (int64_t i = 0; i < len; ++i) {
-    float grad = load(g, i) * gmul;  // unscale (GradScaler) and sign (maximize)
-    float theta = load(p, i);
-    if constexpr (kCoupled) {
-      grad = std::fma(theta, wd, grad);  // coupled (L2) decay, enters v as well
-    }
-    theta = theta * decay;  // decoupled decay; exactly 1 when off or on the first call
-    const float q = static_cast<float>(qv[i]);
-    const float s = (q * q) * s_step;  // sqrt(v), dequantized (sqrt(s*s) == s in float32)
-    float vi = s * s;
-    float denom = s < eps ? eps : s;  // max(sqrt(v), eps)
-    float normed = grad / denom;
-    normed = normed < neg_bound ? neg_bound : normed;  // clip to [-c_t, c_t]
-    normed = normed > bound ? bound : normed;
-    float mi = static_cast<float>(qm[i]) * m_step;
-    // m = beta1*m + (1-beta1)*n, as torch's vectorised lerp computes it (one fma)
-    if constexpr (kSmallWeight) {
-      mi = std::fma(w1, normed - mi, mi);
-    } else {
-      mi = std::fma(w1_minus_one, normed - mi, normed);
-    }
-    float upd = mi;
-    if constexpr (kNesterov) {  // u = beta1*m + (1-beta1)*n with the new m
-      if constexpr (kSmallWeight) {
-        upd = std::fma(w1, normed - mi, mi);
-      } else {
-        upd = std::fma(w1_minus_one, normed - mi, normed);
+    if constexpr (kP1) {  // the for-loop path's operations, in order
+      float grad = load(g, i) * gmul;  // unscale (GradScaler) and sign (maximize)
+      float theta = load(p, i);
+      if constexpr (kCoupled) {
+        grad = std::fma(theta, wd, grad);  // coupled (L2) decay, enters v as well
       }
+      theta = theta * decay;  // decoupled decay; exactly 1 when off or on the first call
+      const float q = static_cast<float>(qv_in[i]);
+      const float s = (q * q) * s_step;  // sqrt(v), dequantized (sqrt(s*s) == s in float32)
+      float vi = s * s;
+      float denom = s < eps ? eps : s;  // max(sqrt(v), eps)
+      float normed = grad / denom;
+      normed = normed < neg_bound ? neg_bound : normed;  // clip to [-c_t, c_t]
+      normed = normed > bound ? bound : normed;
+      float mi = static_cast<float>(qm_in[i]) * m_step;
+      // m = beta1*m + (1-beta1)*n, as torch's vectorised lerp computes it (one fma)
+      if constexpr (kSmallWeight) {
+        mi = std::fma(w1, normed - mi, mi);
+      } else {
+        mi = std::fma(w1_minus_one, normed - mi, normed);
+      }
+      float upd = mi;
+      if constexpr (kNesterov) {  // u = beta1*m + (1-beta1)*n with the new m
+        if constexpr (kSmallWeight) {
+          upd = std::fma(w1, normed - mi, mi);
+        } else {
+          upd = std::fma(w1_minus_one, normed - mi, normed);
+        }
+      }
+      theta = std::fma(upd, neg_lr, theta);  // theta - lr*u, as add_(u, alpha=-lr)
+      vi = std::fma(sq_weight * grad, grad, vi * beta2);  // v = beta2*v + w*g*g, as addcmul_
+      mbuf_out[i] = mi;
+      vbuf_out[i] = vi;
+      amax = std::max(amax, std::fabs(mi));
+      vmax = std::max(vmax, vi);
+      float up = u0p + kWeyl.w[i];
+      up = up >= 1.0f ? up - 1.0f : up;
+      store_param<P>(p, i, theta, h.stochastic, up);
     }
-    theta = std::fma(upd, neg_lr, theta);  // theta - lr*u, as add_(u, alpha=-lr)
-    vi = std::fma(sq_weight * grad, grad, vi * beta2);  // v = beta2*v + w*g*g, as addcmul_
-    mbuf[i] = mi;
-    vbuf[i] = vi;
-    amax = std::max(amax, std::fabs(mi));
-    vmax = std::max(vmax, vi);
-    float up = u0p + kWeyl.w[i];
-    up = up >= 1.0f ? up - 1.0f : up;
-    store_param<P>(p, i, theta, h.stochastic, up);
+    if constexpr (kP2) {  // requantize, as _quant.quantize_m / quantize_v
+      float um = u0m + kWeyl.w[i];
+      um = um >= 1.0f ? um - 1.0f : um;
+      float ym = std::floor(mbuf_in[i] * m_inv + um);  // y = m * (127 / A), rounded, then + u
+      ym = ym < -kMLevels ? -kMLevels : ym;
+      ym = ym > kMLevels ? kMLevels : ym;
+      qm_out[i] = static_cast<int8_t>(static_cast<int32_t>(ym));
+
+      const float v = vbuf_in[i];
+      float lo = std::floor(std::sqrt(std::sqrt(v) * v_inv));  // 255 * sqrt(sqrt(v) / S)
+      lo = lo > 254.0f ? 254.0f : lo;  // (and lo >= 0, or NaN: a square root)
+      const float hi = lo + 1.0f;
+      const float s_lo = (lo * lo) * v_step, s_hi = (hi * hi) * v_step;
+      const float v_lo = s_lo * s_lo, v_hi = s_hi * s_hi;
+      float uv = u0v + kWeyl.w[i];
+      uv = uv >= 1.0f ? uv - 1.0f : uv;
+      float qf = lo + (uv * (v_hi - v_lo) < v - v_lo ? 1.0f : 0.0f);  // unbiased in v
+      qf = (v > 0.0f) & (qf < 1.0f) ? 1.0f : qf;  // no zero code for a nonzero v
+      qv_out[i] = static_cast<uint8_t>(static_cast<int32_t>(qf));
+    }
   }
-  const float smax = std::sqrt(vmax);
-  t.sm[b] = amax;
-  t.sv[b] = smax;
-  const float m_inv = amax > 0.0f ? kMLevels / amax : 0.0f;
-  const float v_step = smax / kVLevels2;
-  const float v_inv = smax > 0.0f ? kVLevels2 / smax : 0.0f;
-  const float u0m = block_offset(t.seed, blk, kStreamM);
-  const float u0v = block_offset(t.seed, blk, kStreamV);
-
-  // Pass 2: requantize, as _quant.quantize_m / quantize_v.
-  for (int64_t i = 0; i < len; ++i) {
-    float um = u0m + kWeyl.w[i];
-    um = um >= 1.0f ? um - 1.0f : um;
-    float ym = std::floor(mbuf[i] * m_inv + um);  // y = m * (127 / A), rounded, then + u
-    ym = ym < -kMLevels ? -kMLevels : ym;
-    ym = ym > kMLevels ? kMLevels : ym;
-    qm[i] = static_cast<int8_t>(static_cast<int32_t>(ym));
-
-    const float v = vbuf[i];
-    float lo = std::floor(std::sqrt(std::sqrt(v) * v_inv));  // 255 * sqrt(sqrt(v) / S)
-    lo = lo > 254.0f ? 254.0f : lo;  // (and lo >= 0, or NaN: a square root)
-    const float hi = lo + 1.0f;
-    const float s_lo = (lo * lo) * v_step, s_hi = (hi * hi) * v_step;
-    const float v_lo = s_lo * s_lo, v_hi = s_hi * s_hi;
-    float uv = u0v + kWeyl.w[i];
-    uv = uv >= 1.0f ? uv - 1.0f : uv;
-    float qf = lo + (uv * (v_hi - v_lo) < v - v_lo ? 1.0f : 0.0f);  // unbiased in v
-    qf = (v > 0.0f) & (qf < 1.0f) ? 1.0f : qf;  // no zero code for a nonzero v
-    qv[i] = static_cast<uint8_t>(static_cast<int32_t>(qf));
+  if constexpr (kP1) {
+    a.amax = amax;
+    a.vmax = vmax;
   }
 }
 
@@ -228,12 +290,33 @@ void run_blocks(const std::vector<Tensor8>& ts, const Hyper& h) {
   }
   // 512 blocks (128K elements, ~2 MB of traffic) per task.
   at::parallel_for(0, offsets[count], 512, [&](int64_t begin, int64_t end) {
+    alignas(64) float mbuf[2][kBlock];  // the new m and v of two blocks (double-buffered)
+    alignas(64) float vbuf[2][kBlock];
+    const Pass2 none{};
     int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    Pass2 prev{};       // pass 2 of the block before this one
+    int64_t prev_len = 0;
     for (int64_t blk = begin; blk < end; ++blk) {
       while (blk >= offsets[k + 1]) {
         ++k;
       }
-      block_step<P, kCoupled, kSmallWeight, kNesterov>(ts[k], blk - offsets[k], h);
+      const Tensor8& t = ts[k];
+      const int64_t b = blk - offsets[k], len = block_len(t, b), slot = blk & 1;
+      Pass1 a = pass1_of(t, b, sizeof(P), mbuf[slot], vbuf[slot]);
+      if (prev_len == kBlock && len == kBlock) {
+        block_loop<P, kCoupled, kSmallWeight, kNesterov, true, true>(a, prev, kBlock, h);
+      } else {
+        if (prev_len > 0) {
+          block_loop<P, kCoupled, kSmallWeight, kNesterov, false, true>(a, prev, prev_len, h);
+        }
+        block_loop<P, kCoupled, kSmallWeight, kNesterov, true, false>(a, none, len, h);
+      }
+      prev = pass2_of(t, b, a);
+      prev_len = len;
+    }
+    if (prev_len > 0) {
+      Pass1 unused{};
+      block_loop<P, kCoupled, kSmallWeight, kNesterov, false, true>(unused, prev, prev_len, h);
     }
   });
 }
