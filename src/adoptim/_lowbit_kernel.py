@@ -62,7 +62,15 @@ def fused_adopt_8bit(
     aside: list[int] = []
     for i in index:
         (p,) = view_as_real_if_complex(params[i])
-        if p.is_contiguous() and p.dtype in KERNEL_DTYPES and grads[i].shape == params[i].shape:
+        if p.device.type != "cpu":  # the op has a CPU implementation only
+            if strict:
+                raise RuntimeError(
+                    f"the C++ 8-bit kernel runs on CPU tensors, and a parameter is on "
+                    f"{p.device} (CUDA/ROCm parameters take the Triton kernel); use "
+                    "foreach=True or leave fused unset"
+                )
+            aside.append(i)
+        elif p.is_contiguous() and p.dtype in KERNEL_DTYPES and grads[i].shape == params[i].shape:
             buckets.setdefault(p.dtype, []).append(i)
         else:
             aside.append(i)

@@ -59,6 +59,7 @@ __all__ = [
     "quantize_m",
     "quantize_v",
     "state_seed",
+    "weyl",
 ]
 
 BLOCK = 256
@@ -72,6 +73,19 @@ _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 #: frac(j * phi) for j in a block, computed in float64 and rounded once (the kernel does the same)
 WEYL = torch.tensor([(j * _PHI) % 1.0 for j in range(BLOCK)], dtype=torch.float64).float()
 _MASK32 = 0xFFFFFFFF
+_weyl_on: dict[torch.device, Tensor] = {}
+
+
+def weyl(device: torch.device | str | None = None) -> Tensor:
+    """:data:`WEYL` on ``device`` (copied once per device: the random numbers of a tensor's
+    step are made where the tensor lives, so that a CUDA step mixes no CPU tensor in)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu":
+        return WEYL
+    table = _weyl_on.get(device)
+    if table is None:
+        table = _weyl_on[device] = WEYL.to(device)
+    return table
 
 
 def num_blocks(numel: int) -> int:
@@ -108,17 +122,23 @@ def state_seed(step: float, numel: int) -> int:
     return _hash32_int(x ^ (numel & _MASK32))
 
 
-def block_offsets(seed: int, stream: int, blocks: int) -> Tensor:
-    """One uniform offset in [0, 1) per block (float32, 24 random bits); ``seed`` < 2**32."""
-    b = torch.arange(blocks, dtype=torch.int64)
+def block_offsets(
+    seed: int, stream: int, blocks: int, device: torch.device | str | None = None
+) -> Tensor:
+    """One uniform offset in [0, 1) per block (float32, 24 random bits, on ``device``);
+    ``seed`` < 2**32 (a host integer: no device read)."""
+    b = torch.arange(blocks, dtype=torch.int64, device=device)
     x = _hash32((int(seed) + (3 * b + stream) * 0x9E3779B9) & _MASK32)
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def dither(seed: int, stream: int, numel: int) -> Tensor:
-    """The uniform numbers ``u`` in [0, 1) used to round ``numel`` elements (float32)."""
+def dither(
+    seed: int, stream: int, numel: int, device: torch.device | str | None = None
+) -> Tensor:
+    """The uniform numbers ``u`` in [0, 1) used to round ``numel`` elements (float32, on
+    ``device``: the same values on every device, as int64, float32 additions and a select)."""
     blocks = num_blocks(numel)
-    u = block_offsets(seed, stream, blocks)[:, None] + WEYL[None, :]
+    u = block_offsets(seed, stream, blocks, device)[:, None] + weyl(device)[None, :]
     u = torch.where(u >= 1.0, u - 1.0, u)  # frac: both terms are in [0, 1)
     return u.reshape(-1)[:numel]
 
@@ -174,7 +194,7 @@ def quantize_m(m: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     scale.copy_(amax)
     inv = _levels_over(M_LEVELS, amax)
     y = m * _per_element(inv, n)
-    q = torch.floor(y + dither(seed, STREAM_M, n)).clamp_(-M_LEVELS, M_LEVELS)
+    q = torch.floor(y + dither(seed, STREAM_M, n, m.device)).clamp_(-M_LEVELS, M_LEVELS)
     codes.copy_(q)
 
 
@@ -194,7 +214,7 @@ def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     s_lo, s_hi = (lo * lo) * step_e, (hi * hi) * step_e
     v_lo, v_hi = s_lo * s_lo, s_hi * s_hi
     # up with probability (v - v_lo) / (v_hi - v_lo): unbiased in v
-    up = dither(seed, STREAM_V, n) * (v_hi - v_lo) < v - v_lo
+    up = dither(seed, STREAM_V, n, v.device) * (v_hi - v_lo) < v - v_lo
     q = lo + up.to(torch.float32)
     q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
     codes.copy_(q)
