@@ -5,9 +5,14 @@
 // 2023 for keeping a nonzero v off the zero code). Per block of 256 elements it reads theta,
 // g and one byte each of m and v, runs the float32 ADOPT update (the same operations, in the
 // same order, as adoptim._forloop.single_tensor_adopt and the float kernel), keeps the new m
-// and v in a 2 KB stack buffer (L1), takes the block's new scales (largest |m|, largest
-// sqrt(v)) and writes the requantized codes: 16 bytes of traffic per float32 parameter plus
-// 8 bytes of scales per 256, and no tensor-sized temporaries.
+// and v in a stack buffer (L1, two blocks: 4 KB), takes the block's new scales (largest |m|,
+// largest sqrt(v)) and writes the requantized codes: 16 bytes of traffic per float32
+// parameter plus 8 bytes of scales per 256, and no tensor-sized temporaries.
+//
+// On a CPU it is compute-bound, not at that 16-byte wall: with AVX-512 on 2 Zen 4 cores the
+// update alone (pass 1 below, requantization removed) takes ~0.57x fused Adam's step on
+// 20 x 1M float32, and requantizing m and v (dither, floor, two square roots and the
+// v-unbiased choice between two levels) adds ~50 vector instructions per 16 elements.
 //
 // Rounding of the codes is stochastic and unbiased in m and in v, with the random numbers of
 // _quant.py: one hash per block and stream, then a Weyl sequence over the block. The
