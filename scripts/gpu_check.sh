@@ -10,11 +10,13 @@
 #   2. tests       the full test suite on this machine (the CUDA-only tests that skip without a
 #                  GPU run here: CUDA graphs, capturable, CUDA checkpoints, tests/test_triton.py's
 #                  CUDA tests: Triton vs for-loop vs foreach parity, graph capture, no sync)
-#   3. triton      tests/test_triton.py alone, verbose (the parity tests by name)
+#   3. triton      tests/test_triton.py and tests/test_triton_lowbit.py (the 8-bit kernel)
+#                  alone, verbose (the parity tests by name)
 #   4. bench       adoptim bench --device cuda against torch.optim.Adam(fused=True), foreach
-#                  ADOPT and the peers installed, suites a (20 x 1M), b (GPT-2 small), c
+#                  ADOPT and the peers installed, suites a (20 x 1M), b (GPT-2 small), c;
+#                  8-bit state: adopt-8bit-fused against adopt-8bit-foreach (its default)
 #   5. targets     from the bench: adopt-fused within 1.05x of fused Adam on a and b, and
-#                  >= 85 % of the card's peak bandwidth on a and b
+#                  >= 85 % of the card's peak bandwidth on a and b (adopt-8bit-fused: reported)
 # The exit status is 0 only if every stage passed; $OUT/summary.txt says which did not.
 set -uo pipefail
 
@@ -52,11 +54,12 @@ stage doctor "$PY" -m adoptim.cli doctor --compile
 if [ "$QUICK" = 0 ]; then
     stage tests "$PY" -m pytest -q -x -p no:cacheprovider -rs
 fi
-stage triton "$PY" -m pytest -v -p no:cacheprovider -rs tests/test_triton.py
+stage triton "$PY" -m pytest -v -p no:cacheprovider -rs tests/test_triton.py \
+    tests/test_triton_lowbit.py
 
 stage bench "$PY" -m adoptim.cli bench --device cuda --suites a,b,c --rounds 3 --repeats 20 \
     --warmup 5 --no-progress --out "$OUT/bench" \
-    --optimizers 'adam-fused,adam-foreach,adopt-fused,adopt-foreach,adopt-default,torch-adopt-*,timm-*,pytorch_optimizer'
+    --optimizers 'adam-fused,adam-foreach,adopt-fused,adopt-foreach,adopt-default,torch-adopt-*,timm-*,pytorch_optimizer,adopt-8bit-fused,adopt-8bit-foreach,torchao-adamw8bit,bnb-adam8bit'
 
 stage targets "$PY" - "$OUT/bench/bench.json" <<'EOF'
 import json, sys
@@ -64,6 +67,11 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 ok = True
 for suite in report["suites"]:
+    eight, each = (suite["results"].get(k, {}) for k in ("adopt-8bit-fused", "adopt-8bit-foreach"))
+    if "median_s" in eight and "median_s" in each:  # reported, no target yet
+        print(f"({suite['suite']}) 8-bit: adopt-8bit-fused {eight['median_s'] * 1e3:.3f} ms, "
+              f"{eight['gb_per_s']:.0f} GB/s, {each['median_s'] / eight['median_s']:.2f}x "
+              f"faster than adopt-8bit-foreach")
     fused = suite["results"].get("adopt-fused", {})
     if "median_s" not in fused:
         print(f"({suite['suite']}) adopt-fused did not run: {fused.get('skipped')}")

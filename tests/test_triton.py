@@ -537,7 +537,7 @@ def test_unsupported_reasons(monkeypatch):
     assert "adoptim[gpu]" in reason and "Triton" in reason
     monkeypatch.setattr(_triton_kernel, "triton_installed", lambda: True)
     assert _triton_kernel.unsupported_reason(cuda) is None
-    assert "8-bit" in _triton_kernel.unsupported_reason(cuda, ["8bit"])
+    assert _triton_kernel.unsupported_reason(cuda, ["8bit"]) is None  # its own kernel
     mixed = [_FakeParam("cuda"), _FakeParam("cpu")]
     assert "one device type" in _triton_kernel.unsupported_reason(mixed)
     assert "int32" in _triton_kernel.unsupported_reason([_FakeParam("cuda", torch.int32)])
@@ -626,11 +626,13 @@ def test_default_falls_back_with_one_warning_when_the_kernel_fails_to_compile(mo
     assert torch.equal(p, q) and opt.state[p]["step"].item() == 3
 
 
-def test_eight_bit_state_is_refused_by_the_launcher():
+def test_eight_bit_codes_are_refused_by_the_float_launcher():
+    """8-bit state has its own kernel (tests/test_triton_lowbit.py); codes handed to the
+    float-state launcher are refused, not read as floats."""
     p = torch.randn(8)
     codes = torch.zeros(8, dtype=torch.uint8)
     with mock.patch.dict(os.environ, {_triton_kernel.BACKEND_ENV: "triton"}):
-        with pytest.raises(RuntimeError, match="8-bit state is not supported"):
+        with pytest.raises(RuntimeError, match="takes float state; 8-bit codes"):
             _triton_kernel.triton_adopt(
                 [p], [p.clone()], [codes], [codes.clone()], [torch.zeros(())], strict=True,
                 lr=1e-3, beta1=0.9, beta2=0.9, eps=1e-6, clip_exp=0.25, weight_decay=0.0,

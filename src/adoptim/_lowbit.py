@@ -149,8 +149,10 @@ def adopt_8bit(
 ) -> None:
     """One step for the tensors ``index`` of these lists, whose moments are 8-bit.
 
-    ``path``: ``"fused"`` (the kernel; tensors it cannot take, or all of them while it is
-    being built, run the for-loop path), ``"foreach"`` or ``"forloop"``.
+    ``path``: ``"fused"`` (the C++ kernel; tensors it cannot take, or all of them while it
+    is being built, run the for-loop path), ``"triton"`` (the Triton kernel,
+    :mod:`adoptim._triton_lowbit`; what it leaves runs the foreach path on CUDA, the
+    for-loop path elsewhere), ``"foreach"`` or ``"forloop"``.
     """
     from adoptim import _foreach, _forloop  # the float32 paths this one is defined by
 
@@ -173,6 +175,17 @@ def adopt_8bit(
         )  # fmt: skip
         if not index:
             return
+    elif path == "triton":  # CUDA/ROCm (CPU tensors under Triton's interpreter)
+        from adoptim import _triton_lowbit
+
+        index = _triton_lowbit.triton_adopt_8bit(
+            index, *lists, strict=strict, grad_scale=grad_scale,
+            stochastic_rounding=stochastic_rounding, **kwargs,
+        )  # fmt: skip
+        if not index:
+            return
+        # what it leaves (caution, layouts it cannot walk): the default unfused path there
+        path = "foreach" if all(params[i].device.type == "cuda" for i in index) else "forloop"
     seeds = [0] * len(params)
     for i in index:  # from the call count before the step (the kernel computes the same)
         seeds[i] = _quant.state_seed(float(state_steps[i]), m_codes[i].numel())

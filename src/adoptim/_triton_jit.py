@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["adopt_kernel", "schedule_kernel"]
+__all__ = ["adopt_8bit_kernel", "adopt_kernel", "schedule_kernel"]
 
 # Columns of the per-tensor scalar table (float64, one row per tensor).
 N_COLUMNS = 4  # bound, sq_weight, started (0 or 1), s (count before this call)
@@ -325,3 +325,248 @@ def schedule_kernel(
     if HAS_INF:  # a skipped step keeps its count
         advanced = tl.where(tl.load(found_inf_ptr) != 0, s32, advanced)
     tl.store(step_ptrs, advanced, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# 8-bit state (state_dtype="8bit"; format: adoptim._quant; launcher: adoptim._triton_lowbit)
+#
+# adopt_8bit_kernel: one program per tile of ROWS blocks of 256 elements (the format's block)
+# of one tensor, as a (ROWS, 256) tile: theta and g, the int8 m codes and uint8 v codes and
+# the two scales per block are read once, the float32 update runs on the tile in registers,
+# each row's new scales are a max reduction along the row, and theta and the requantized
+# codes and scales are written once: 16 bytes of traffic per float32 parameter (plus 8 per
+# 256). The operations are those of the C++ 8-bit kernel (csrc/fused_adopt_8bit.cpp) and of
+# the for-loop path it reproduces (dequantize, _forloop.single_tensor_adopt, quantize), in
+# the same order: fused multiply-adds written out (tl.fma) exactly where torch's vectorised
+# CPU kernels use them (lerp, add with alpha, addcmul), and the kernel is compiled with
+# enable_fp_fusion=False so that no other product is contracted into an add (m * 127/A + u
+# must round twice, as in _quant.quantize_m). Division and square roots are the IEEE ones
+# (div_rn, sqrt_rn), as torch's and the C++ kernel's. The random numbers are _quant's: one
+# lowbias32 hash per (seed, block, stream), then a Weyl sequence over the block (_quant.WEYL:
+# frac(j * phi) in float64, rounded once to float32, computed once per program: exact in
+# float64, so the same table bit for bit), with the seed computed on the host from the
+# tensor's call count and size (_quant.state_seed).
+
+N_COLUMNS_8BIT = 4  # bound, sq_weight, decay, seed (a uint32, exact in float64)
+
+
+@triton.jit
+def _block_offsets(seed, block, stream):
+    """_quant.block_offsets: a uniform float32 in [0, 1) (24 bits) per block (uint32s)."""
+    golden = tl.full((), 0x9E3779B9, tl.uint32)  # typed constants: numpy (the interpreter)
+    k1 = tl.full((), 0x7FEB352D, tl.uint32)  # will not mix uint32 with int64
+    k2 = tl.full((), 0x846CA68B, tl.uint32)
+    three = tl.full((), 3, tl.uint32)
+    x = seed + (three * block + stream) * golden
+    x = x ^ (x >> 16)
+    x = x * k1
+    x = x ^ (x >> 15)
+    x = x * k2
+    x = x ^ (x >> 16)
+    return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _param_out(theta, up, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """theta (float32) in the parameter's dtype: bfloat16 rounded to nearest even, or
+    stochastically with the 16 bits of the dither ``up`` (_lowbit.stochastic_round_bf16),
+    written out on the bits (the interpreter's float32 -> bfloat16 cast truncates); NaN
+    stays NaN. float16: the cast (round to nearest even)."""
+    if P_DTYPE == tl.bfloat16:
+        bits = theta.to(tl.uint32, bitcast=True)
+        exp_mask = tl.full((), 0x7F800000, tl.uint32)
+        quiet = tl.full((), 0x0040, tl.uint32)
+        if STOCHASTIC:
+            rounded = bits + (up * 65536.0).to(tl.uint32)
+            # next to the largest finite bf16 a round-up could reach inf: truncate instead
+            overflow = ((rounded & exp_mask) == exp_mask) & ((bits & exp_mask) != exp_mask)
+            rounded = tl.where(overflow, bits, rounded)
+        else:
+            lsb = (bits >> 16) & tl.full((), 1, tl.uint32)
+            rounded = bits + tl.full((), 0x7FFF, tl.uint32) + lsb
+        top = tl.where(theta != theta, (bits >> 16) | quiet, rounded >> 16)
+        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return theta.to(P_DTYPE)
+
+
+@triton.jit
+def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, mask,
+                      row_mask, w, seed, g_scale, wd, decay, bound, sq_weight, neg_lr, w1,
+                      beta2, eps,
+                      P_DTYPE: tl.constexpr, COUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, SMALL_WEIGHT: tl.constexpr,
+                      NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """One tile: ``mask`` None for a tile inside the tensor (unmasked, so that aligned
+    accesses are 128 bits wide); otherwise lanes past the end read 0 and write nothing."""
+    if mask is None:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        theta = tl.load(p_ptr + offs).to(tl.float32)
+        qm = tl.load(qm_ptr + offs).to(tl.float32)
+        qv = tl.load(qv_ptr + offs).to(tl.float32)
+        sm = tl.load(sm_ptr + blk)
+        sv = tl.load(sv_ptr + blk)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        qm = tl.load(qm_ptr + offs, mask=mask, other=0).to(tl.float32)
+        qv = tl.load(qv_ptr + offs, mask=mask, other=0).to(tl.float32)
+        sm = tl.load(sm_ptr + blk, mask=row_mask, other=0.0)
+        sv = tl.load(sv_ptr + blk, mask=row_mask, other=0.0)
+    # dequantize (_quant.dequantize_m / dequantize_v)
+    m_step = tl.div_rn(sm, tl.full((), 127.0, tl.float32))[:, None]
+    s_step = tl.div_rn(sv, tl.full((), 65025.0, tl.float32))[:, None]
+    s = (qv * qv) * s_step
+    v = s * s
+    # the float32 update (_forloop.single_tensor_adopt, in its order)
+    if HAS_SCALE:
+        g = tl.div_rn(g, g_scale)  # GradScaler: g / scale, as run_dequantized divides
+    if MAXIMIZE:
+        g = -g
+    if COUPLED:
+        g = tl.fma(theta, wd, g)  # g + wd * theta, as add(alpha=wd): enters v too
+    theta = theta * decay  # decoupled decay; exactly 1 when off or on the first call
+    denom = tl.sqrt_rn(v)
+    denom = tl.where(denom < eps, eps, denom)  # clamp(min=eps) as a select: NaN passes
+    n = tl.div_rn(g, denom)
+    n = tl.where(n < -bound, -bound, n)  # clip to [-c_t, c_t]; c_t = 0 on the first call
+    n = tl.where(n > bound, bound, n)
+    m = qm * m_step
+    # m = lerp(m, n, 1 - beta1), as torch's vectorised lerp computes it (one fma)
+    if SMALL_WEIGHT:
+        m = tl.fma(w1, n - m, m)
+    else:
+        m = tl.fma(w1 - 1.0, n - m, n)
+    u = m
+    if NESTEROV:  # u = lerp(m, n, 1 - beta1) with the new m: one momentum step ahead
+        if SMALL_WEIGHT:
+            u = tl.fma(w1, n - m, m)
+        else:
+            u = tl.fma(w1 - 1.0, n - m, n)
+    theta = tl.fma(u, neg_lr, theta)  # theta - lr * u, as add_(u, alpha=-lr)
+    v = tl.fma(sq_weight * g, g, v * beta2)  # beta2 * v + w * g * g, as mul_ + addcmul_
+    if mask is not None:
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
+    # the new scales: largest |m| and largest sqrt(v) per block (NaN-ignoring max; the
+    # interpreter reduces with numpy for this combine function, not element by element)
+    amax = tl.reduce(tl.abs(m), 1, tl.standard._elementwise_max)
+    smax = tl.sqrt_rn(tl.reduce(v, 1, tl.standard._elementwise_max))
+    if mask is None:
+        tl.store(sm_ptr + blk, amax)
+        tl.store(sv_ptr + blk, smax)
+    else:
+        tl.store(sm_ptr + blk, amax, mask=row_mask)
+        tl.store(sv_ptr + blk, smax, mask=row_mask)
+    # requantize (_quant.quantize_m / quantize_v): divisions by a nonzero divisor only
+    m_inv = tl.where(amax > 0, tl.div_rn(tl.full((), 127.0, tl.float32),
+                                         tl.where(amax > 0, amax, 1.0)), 0.0)[:, None]
+    v_inv = tl.where(smax > 0, tl.div_rn(tl.full((), 65025.0, tl.float32),
+                                         tl.where(smax > 0, smax, 1.0)), 0.0)[:, None]
+    v_step = tl.div_rn(smax, tl.full((), 65025.0, tl.float32))[:, None]
+    block = blk.to(tl.uint32)
+    um = _block_offsets(seed, block, tl.full((), 0, tl.uint32))[:, None] + w
+    um = tl.where(um >= 1.0, um - 1.0, um)  # frac: both terms are in [0, 1)
+    ym = tl.floor(m * m_inv + um)  # rounded product, then + u: no fma (fp fusion off)
+    ym = tl.where(ym < -127.0, -127.0, ym)
+    ym = tl.where(ym > 127.0, 127.0, ym)
+    lo = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v) * v_inv))  # 255 * sqrt(sqrt(v) / S)
+    lo = tl.where(lo > 254.0, 254.0, lo)
+    hi = lo + 1.0
+    s_lo = (lo * lo) * v_step
+    s_hi = (hi * hi) * v_step
+    v_lo = s_lo * s_lo
+    v_hi = s_hi * s_hi
+    uv = _block_offsets(seed, block, tl.full((), 1, tl.uint32))[:, None] + w
+    uv = tl.where(uv >= 1.0, uv - 1.0, uv)
+    # up with probability (v - v_lo) / (v_hi - v_lo): unbiased in v
+    qf = tl.where(uv * (v_hi - v_lo) < v - v_lo, hi, lo)
+    qf = tl.where((v > 0) & (qf < 1.0), 1.0, qf)  # no zero code for a nonzero v
+    up = w
+    if STOCHASTIC:
+        up = _block_offsets(seed, block, tl.full((), 2, tl.uint32))[:, None] + w
+        up = tl.where(up >= 1.0, up - 1.0, up)
+    theta_out = _param_out(theta, up, P_DTYPE, STOCHASTIC)
+    if mask is None:
+        tl.store(p_ptr + offs, theta_out)
+        tl.store(qm_ptr + offs, ym.to(tl.int8))
+        tl.store(qv_ptr + offs, qf.to(tl.uint8))
+    else:
+        tl.store(p_ptr + offs, theta_out, mask=mask)
+        tl.store(qm_ptr + offs, ym.to(tl.int8), mask=mask)
+        tl.store(qv_ptr + offs, qf.to(tl.uint8), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_tensors"])
+def adopt_8bit_kernel(
+    table_ptr,  # int64: p, g, m codes, m scales, v codes, v scales data_ptrs, numel
+    #             (n_tensors each), then the work items (tensor << 32 | tile)
+    n_tensors,
+    scalars_ptr,  # float64 (n_tensors, N_COLUMNS_8BIT): bound, sq_weight, decay, seed
+    grad_scale_ptr,  # GradScaler's scale (HAS_SCALE; float32)
+    lr: tl.float64,
+    beta1: tl.float64,
+    beta2: tl.float64,
+    eps: tl.float64,
+    weight_decay: tl.float64,  # coupled decay (used when COUPLED)
+    P_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    COUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    SMALL_WEIGHT: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ROWS: tl.constexpr,  # blocks of 256 per program
+):
+    pid = tl.program_id(0)
+    item = tl.load(table_ptr + 7 * n_tensors + pid)
+    tid = item >> 32
+    tile = item & 0xFFFFFFFF
+    numel = tl.load(table_ptr + 6 * n_tensors + tid)
+    p_ptr = tl.load(table_ptr + tid).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table_ptr + n_tensors + tid).to(tl.pointer_type(P_DTYPE))
+    qm_ptr = tl.load(table_ptr + 2 * n_tensors + tid).to(tl.pointer_type(tl.int8))
+    sm_ptr = tl.load(table_ptr + 3 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    qv_ptr = tl.load(table_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.uint8))
+    sv_ptr = tl.load(table_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # every tensor of the group starts on 16 bytes: allows 128-bit accesses
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        qm_ptr = tl.multiple_of(qm_ptr, 16)
+        qv_ptr = tl.multiple_of(qv_ptr, 16)
+
+    # Per-tensor scalars, float64 on the host, rounded once to float32 here (as the
+    # for-loop path's ops and the C++ kernel receive them).
+    row = scalars_ptr + tid * 4
+    bound = tl.load(row).to(tl.float32)
+    sq_weight = tl.load(row + 1).to(tl.float32)
+    decay = tl.load(row + 2).to(tl.float32)
+    seed = tl.load(row + 3).to(tl.int64).to(tl.uint32)
+    g_scale = 1.0  # GradScaler's scale: g is divided by it
+    if HAS_SCALE:
+        g_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    # Scalar arguments cast here, not in a helper: the interpreter passes them as Python
+    # floats, which a helper's call would round to float32 (full rounds once, from float64).
+    wd = tl.full((), weight_decay, tl.float32)
+    w1 = tl.full((), 1.0 - beta1, tl.float32)
+    neg_lr = -tl.full((), lr, tl.float32)
+    beta2_c = tl.full((), beta2, tl.float32)
+    eps_c = tl.full((), eps, tl.float32)
+
+    # _quant.WEYL: frac(j * phi), phi = (sqrt(5) - 1) / 2, in float64 (a product and a
+    # subtraction, both exact to the float64 result Python computes), rounded once
+    jphi = tl.arange(0, 256).to(tl.float64) * tl.full((), 0.6180339887498949, tl.float64)
+    w = (jphi - tl.floor(jphi)).to(tl.float32)[None, :]
+    blk = tile * ROWS + tl.arange(0, ROWS)
+    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
+    if (tile + 1) * (ROWS * 256) <= numel:
+        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, None, None,
+                          w, seed, g_scale, wd, decay, bound, sq_weight, neg_lr, w1, beta2_c,
+                          eps_c, P_DTYPE, COUPLED, MAXIMIZE, HAS_SCALE, SMALL_WEIGHT,
+                          NESTEROV, STOCHASTIC)
+    else:
+        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk,
+                          offs < numel, blk * 256 < numel, w, seed, g_scale, wd, decay,
+                          bound, sq_weight, neg_lr, w1, beta2_c, eps_c, P_DTYPE, COUPLED,
+                          MAXIMIZE, HAS_SCALE, SMALL_WEIGHT, NESTEROV, STOCHASTIC)

@@ -17,7 +17,9 @@ the counts are host memory) and copied with the tables; only GradScaler's ``foun
 then read on the host, once per step, as on the other paths.
 
 Tables are cached per layout (the tensors' addresses), so a steady training loop copies
-nothing to the device per step.
+nothing to the device per step. Tensors with 8-bit state (``state_dtype="8bit"``) take their
+own kernel, launched by :mod:`adoptim._triton_lowbit` under the same rule (:func:`selected`);
+its variants are compiled ahead of time with these (:func:`variants`).
 
 On CPU tensors this path runs only when asked for, with ``ADOPTIM_FUSED_BACKEND=triton``, and
 under Triton's interpreter (``TRITON_INTERPRET=1``): it is how the kernel's maths is tested on
@@ -64,9 +66,10 @@ _REAL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _PLAIN = (Tensor, torch.nn.Parameter)
 FLOAT_STATE_DTYPES = ("auto", "float32", "param")
+STATE_DTYPES = (*FLOAT_STATE_DTYPES, "8bit")  # 8-bit: its own kernel (_triton_lowbit)
 _EIGHT_BIT_MESSAGE = (
-    "the Triton kernel keeps float32 state (or the parameter's dtype); 8-bit state is not "
-    "supported on it yet: use foreach=True for 8-bit state on CUDA"
+    "this launcher takes float state; 8-bit codes (state_dtype='8bit') go to the 8-bit "
+    "Triton kernel, through adoptim.functional.adopt with their block scales"
 )
 
 
@@ -183,8 +186,8 @@ def unsupported_reason(
                 "float32, float64, bfloat16, float16, complex64, complex128); leave fused unset"
             )
     for state_dtype in state_dtypes or ():
-        if state_dtype not in FLOAT_STATE_DTYPES:
-            return f"state_dtype={state_dtype!r}: {_EIGHT_BIT_MESSAGE}"
+        if state_dtype not in STATE_DTYPES:
+            return f"state_dtype={state_dtype!r} has no Triton kernel"
     return None
 
 
@@ -666,18 +669,22 @@ DTYPE_PAIRS = (
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float16),
 )
+# Parameter dtypes of the 8-bit kernel (complex64 runs as float32).
+EIGHT_BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SIG_NAMES = {
     torch.float32: "fp32",
     torch.float64: "fp64",
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
+    torch.uint8: "8bit",  # s_dtype of the 8-bit kernel's variants
 }
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compiled form of a kernel: ``kind`` is "update", "count" (caution's first pass)
-    or "schedule"; the flags are the kernel's constexprs."""
+    """One compiled form of a kernel: ``kind`` is "update", "count" (caution's first pass),
+    "schedule" or "update8" (the 8-bit kernel, ``s_dtype`` uint8; "all options" there:
+    coupled decay, maximize, GradScaler, nesterov); the flags are the kernel's constexprs."""
 
     kind: str
     p_dtype: torch.dtype = torch.float32
@@ -693,7 +700,8 @@ class Variant:
         pair = f"{_SIG_NAMES[self.p_dtype]}/{_SIG_NAMES[self.s_dtype]}"
         flags = (("all options", self.options), ("stochastic", self.stochastic))
         extras = [x for x, on in flags if on]
-        return f"{self.kind}({pair}{', ' + ', '.join(extras) if extras else ''})"
+        kind = "update" if self.kind == "update8" else self.kind
+        return f"{kind}({pair}{', ' + ', '.join(extras) if extras else ''})"
 
 
 def variants() -> list[Variant]:
@@ -708,6 +716,11 @@ def variants() -> list[Variant]:
         if p_dtype == torch.bfloat16:
             out.append(Variant("update", p_dtype, s_dtype, stochastic=True))
     out.extend(Variant("schedule", clip=clip) for clip in (0, 1, 2))
+    for p_dtype in EIGHT_BIT_DTYPES:  # the 8-bit kernel, the same choices
+        out.append(Variant("update8", p_dtype, torch.uint8))
+        out.append(Variant("update8", p_dtype, torch.uint8, options=True))
+        if p_dtype == torch.bfloat16:
+            out.append(Variant("update8", p_dtype, torch.uint8, stochastic=True))
     return out
 
 
@@ -717,6 +730,10 @@ def aot_compile(variant: Variant, target, cfg: LaunchConfig | None = None):
     import triton
     import triton.language as tl
 
+    if variant.kind == "update8":
+        from adoptim import _triton_lowbit
+
+        return _triton_lowbit.aot_compile(variant, target)
     jit = _jit()
     cfg = cfg or CONFIG
     if variant.kind == "schedule":
@@ -814,16 +831,26 @@ def access_summary(asm: dict, variant: Variant, cfg: LaunchConfig | None = None)
     table reads are scalar) against one thread's share of a block of theta, g, m, v (theta,
     m, v written)."""
     cfg = cfg or CONFIG
+    block, warps, warps_amd = cfg.block, cfg.num_warps, cfg.num_warps_amd
+    if variant.kind == "update8":  # theta, g, m codes, v codes (the scales are per 256)
+        from adoptim import _triton_lowbit
+
+        cfg8 = _triton_lowbit.CONFIG
+        block, warps, warps_amd = cfg8.rows * 256, cfg8.num_warps, cfg8.num_warps_amd
     if "ptx" in asm:
-        isa, warp, warps = "ptx", 32, cfg.num_warps
+        isa, warp = "ptx", 32
     else:
-        isa, warp, warps = "amdgcn", 64, cfg.num_warps_amd
+        isa, warp, warps = "amdgcn", 64, warps_amd
     p_size = torch.empty((), dtype=variant.p_dtype).element_size()
     s_size = torch.empty((), dtype=variant.s_dtype).element_size()
-    loads, stores = _global_accesses(asm[isa], isa, max(p_size, s_size))
-    per_thread = cfg.block // (warp * warps)
+    # (AMD: a vector is wider than the widest element, and the 8-bit kernel reads float32
+    # scales per block)
+    widest = max(p_size, 4 if variant.kind == "update8" else s_size)
+    loads, stores = _global_accesses(asm[isa], isa, widest)
+    per_thread = block // (warp * warps)
     want_loaded = per_thread * (2 * p_size + 2 * s_size)
-    want_stored = per_thread * (p_size + 2 * s_size) if variant.kind == "update" else 0
+    writes = variant.kind in ("update", "update8")
+    want_stored = per_thread * (p_size + 2 * s_size) if writes else 0
     vec_loads = [b for b, vector in loads if vector]
     vec_stores = [b for b, vector in stores if vector]
     return {

@@ -23,8 +23,8 @@ is the optimizer's state (every tensor it holds) over the number of parameters.
 Peak memory is the largest rise of the process's resident memory above what it was before the
 optimizer existed, sampled every millisecond: state plus the step's temporaries.
 
-``--device cuda`` times the same suites on a GPU (each step synchronised; ``adopt-fused`` is
-the Triton kernel there, peak memory is the device's), with GB/s also as a percentage of the
+``--device cuda`` times the same suites on a GPU (each step synchronised; ``adopt-fused`` and
+``adopt-8bit-fused`` are the Triton kernels there, peak memory is the device's), with GB/s also as a percentage of the
 card's peak bandwidth where it is known (or given with ``--peak-gbps``).
 
 Peers are timed when installed (never required): ``torch-adopt`` (imports as ``adopt``), timm's
@@ -225,6 +225,8 @@ OPTIMIZERS: list[Entry] = [
           traffic=BYTES_PER_PARAM_8BIT),
     Entry("adopt-8bit-forloop", _adopt(foreach=False, fused=False, state_dtype="8bit"),
           traffic=BYTES_PER_PARAM_8BIT),
+    Entry("adopt-8bit-foreach", _adopt(foreach=True, fused=False, state_dtype="8bit"),
+          traffic=BYTES_PER_PARAM_8BIT),  # the default for 8-bit state on CUDA
     Entry("torchao-adamw8bit", _torchao_adamw8bit, _module_missing("torchao"),
           traffic=BYTES_PER_PARAM_8BIT),
     Entry("bnb-adam8bit", _bnb_adam8bit, _module_missing("bitsandbytes"),
@@ -386,8 +388,9 @@ def _make_params(
 
 
 def _unavailable(entry: Entry, device: torch.device) -> str | None:
-    """Why ``entry`` cannot run on ``device``, or None (on CUDA, adopt-fused is Triton's)."""
-    if device.type == "cuda" and entry.name == "adopt-fused":
+    """Why ``entry`` cannot run on ``device``, or None (on CUDA, adopt-fused and
+    adopt-8bit-fused are the Triton kernels)."""
+    if device.type == "cuda" and entry.name in ("adopt-fused", "adopt-8bit-fused"):
         from adoptim import _triton_kernel
 
         return _triton_kernel.unsupported_reason([torch.empty(0, device=device)])

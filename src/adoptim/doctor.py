@@ -6,7 +6,8 @@ Example::
     adoptim doctor             # versions, CPU, the C++ kernel's cache, GPUs, the path per device
     adoptim doctor --compile   # build the C++ kernel and compile every Triton kernel variant
                                # (for the local GPU; without one, ahead of time for sm_80, sm_90
-                               # and AMD gfx942), one line per variant and target
+                               # and AMD gfx942; float and 8-bit state), one line per variant
+                               # and target
 
 ``--compile`` also warms the caches, e.g. in a Docker build: the C++ kernel lands in
 ``$TORCH_EXTENSIONS_DIR/adoptim_fused`` and Triton's kernels in Triton's cache
@@ -141,7 +142,7 @@ def paths() -> dict[str, str]:
             else triton_reason
         )
         fused = (
-            "fused=True runs the Triton kernel"
+            "fused=True runs the Triton kernels (float and 8-bit state)"
             if triton_reason is None
             else f"fused=True raises: {triton_reason}"
         )

@@ -79,12 +79,14 @@ def adopt(
     moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim._lowbit`) and
     take the same path as the others.
     """
-    # The Triton kernel (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton) reads found_inf on
-    # the device; the other paths read it here. It keeps float state only (no 8-bit).
+    # The Triton kernels (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton): the float one
+    # reads found_inf on the device; the other paths, and every 8-bit path (whose step
+    # counts are on the host), read it here.
     triton = _triton_kernel.selected(
         params, fused=fused, foreach=foreach, differentiable=differentiable
-    ) and not (exp_avg_scales is not None and any(s is not None for s in exp_avg_scales))
-    if found_inf is not None and not triton and found_inf.item() != 0:
+    )
+    eight_bit = exp_avg_scales is not None and any(s is not None for s in exp_avg_scales)
+    if found_inf is not None and (eight_bit or not triton) and found_inf.item() != 0:
         return
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
@@ -115,13 +117,14 @@ def adopt(
     use_fused = fused is True or (
         fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable)
     )
-    if exp_avg_scales is not None and any(s is not None for s in exp_avg_scales):
+    if eight_bit:
         quantized = [i for i, s in enumerate(exp_avg_scales) if s is not None]
         use_foreach = foreach if foreach is not None else _default_foreach(params, differentiable)
+        path = "foreach" if use_foreach else "forloop"
         _lowbit.adopt_8bit(
             quantized, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs,
             exp_avg_sq_scales, state_steps,
-            path="fused" if use_fused else "foreach" if use_foreach else "forloop",
+            path="triton" if triton else "fused" if use_fused else path,
             strict=fused is True, **kwargs,
         )  # fmt: skip
         rest = [i for i, s in enumerate(exp_avg_scales) if s is None]
