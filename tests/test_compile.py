@@ -13,6 +13,12 @@ from torch._dynamo.testing import CompileCounter
 
 from adoptim import ADOPT, ADOPTW
 
+old_dynamo = pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+    reason="torch 2.4's dynamo recompiles the optimizer step once more (guard on the empty "
+    "state: RecompileError on torch 2.4.1)",
+)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -86,6 +92,7 @@ def _count_compiles(cls, path_kw, lr, steps=5, scheduler=True):
     return counter.frame_count
 
 
+@old_dynamo
 @pytest.mark.parametrize("cls", [ADOPT, ADOPTW])
 @pytest.mark.parametrize(("path", "kw"), path_params(include_fused=False))
 def test_no_recompile_across_steps_with_tensor_lr_scheduler(path, kw, cls):

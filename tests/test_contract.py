@@ -129,6 +129,11 @@ COMPILE_PATHS = {
     "options", [{}, dict(weight_decay=0.1, decouple=True, nesterov=True, caution=True)],
     ids=["plain", "decay+nesterov+caution"],
 )
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+    reason="torch 2.4's dynamo recompiles the optimizer step once more (guard on the empty "
+    "state: RecompileError on torch 2.4.1)",
+)
 def test_compiled_step_with_float_lr_and_scheduler_never_recompiles(path, options, recwarn):
     import torch._dynamo
 

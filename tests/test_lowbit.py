@@ -466,6 +466,10 @@ def one_rank():
     dist = pytest.importorskip("torch.distributed")
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: F401
+    except ImportError:
+        pytest.skip("public DTensor (torch.distributed.tensor) needs torch >= 2.5")
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
