@@ -327,6 +327,29 @@ def _dense(t: Tensor) -> bool:
 _ready: set[tuple] = set()
 _warned: set[str] = set()
 
+
+def compile_failed(
+    message: str,
+    exc: Exception,
+    device: torch.device,
+    *,
+    strict: bool,
+    failed: dict[str, str],
+    warned: set[str],
+    fallback: str,
+    stacklevel: int,
+) -> None:
+    """A Triton kernel did not compile: under ``fused=True`` (``strict``) that is an error;
+    under the default, ``failed`` remembers the device type (its steps take the unfused path
+    from then on) and one warning per device type says so."""
+    if strict:
+        raise RuntimeError(message) from exc
+    failed[device.type] = message
+    if device.type not in warned:
+        warned.add(device.type)
+        warnings.warn(f"{message}\nadoptim {fallback} on {device.type}.", RuntimeWarning,
+                      stacklevel=stacklevel)  # fmt: skip
+
 # Tests set this to run the host-side schedule (what CUDA steps with host step counts do)
 # on CPU tensors too.
 _force_host_schedule = False
@@ -601,21 +624,14 @@ def _run_bucket(
                         *schedule_args(bounds), grid=schedule_grid, num_warps=4,
                         **schedule_constexprs
                     )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (any compile error; re-raised if strict)
                 message = (
                     f"the Triton ADOPT kernel failed to compile for {device} (parameters "
                     f"{p_dtype}, state {s_dtype}): {type(exc).__name__}: {exc}"
                 )
-                if strict:
-                    raise RuntimeError(message) from exc
-                _failed[device.type] = message
-                if device.type not in _warned:
-                    _warned.add(device.type)
-                    warnings.warn(
-                        f"{message}\nadoptim falls back to the foreach path on {device.type}.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
+                compile_failed(message, exc, device, strict=strict, failed=_failed,
+                               warned=_warned, fallback="falls back to the foreach path",
+                               stacklevel=5)  # fmt: skip
                 return False
             _ready.add(variant)
 

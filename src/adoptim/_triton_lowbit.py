@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -266,22 +265,15 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
             try:
                 jit.adopt_8bit_kernel.warmup(*args, grid=grid, num_warps=num_warps,
                                              **COMPILE_OPTIONS, **constexprs)  # fmt: skip
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (any compile error; re-raised if strict)
                 message = (
                     f"the Triton ADOPT 8-bit kernel failed to compile for {device} "
                     f"(parameters {p_dtype}): {type(exc).__name__}: {exc}"
                 )
-                if strict:
-                    raise RuntimeError(message) from exc
-                _failed[device.type] = message
-                if device.type not in _warned:
-                    _warned.add(device.type)
-                    warnings.warn(
-                        f"{message}\nadoptim runs the 8-bit tensors on the foreach path on "
-                        f"{device.type}.",
-                        RuntimeWarning,
-                        stacklevel=5,
-                    )
+                _triton_kernel.compile_failed(
+                    message, exc, device, strict=strict, failed=_failed, warned=_warned,
+                    fallback="runs the 8-bit tensors on the foreach path", stacklevel=6,
+                )
                 return False
             _ready.add(variant)
         table, pinned = _triton_kernel._to_device(rows.T.contiguous(), device)
