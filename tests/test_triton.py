@@ -25,33 +25,24 @@ import sys
 from unittest import mock
 
 import pytest
-import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-triton = pytest.importorskip("triton", reason="not installed (pip install 'adoptim[gpu]')")
-if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 1):
-    pytest.skip(
-        f"triton {triton.__version__} (torch 2.4's pin) lacks the interpreter and compile APIs "
-        "these kernels are tested with (InterpretedFunction.run, ASTSource(constexprs=))",
-        allow_module_level=True,
-    )
-
-import test_reference_match as trm  # noqa: E402
-from hypothesis import example, given, settings  # noqa: E402
-from reference import Hyper, ReferenceADOPT  # noqa: E402
-
-import adoptim._foreach as foreach_module  # noqa: E402
-import adoptim._forloop as forloop_module  # noqa: E402
-from adoptim import ADOPT, _cpu_kernel, _triton_kernel  # noqa: E402
-
-interpreter_only = pytest.mark.skipif(
-    not INTERPRETED, reason="interpreter tests: run with TRITON_INTERPRET=1"
+# first: triton_setup sets TRITON_INTERPRET before anything imports triton
+from triton_setup import (
+    CUDA,
+    INTERPRETED,
+    cuda_only,
+    interpreter_only,
 )
-cuda_only = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA GPU")
+
+# isort: split
+import test_reference_match as trm
+import torch
+from hypothesis import example, given, settings
+from reference import Hyper, ReferenceADOPT
+
+import adoptim._foreach as foreach_module
+import adoptim._forloop as forloop_module
+from adoptim import ADOPT, _cpu_kernel, _triton_kernel
 
 # Launch shapes for the interpreter: 16-element blocks, 32-element chunks.
 SMALL = _triton_kernel.LaunchConfig(block=16, chunk=32, num_warps=1, schedule_block=4)
