@@ -49,7 +49,7 @@ stage env bash -c "nvidia-smi || rocm-smi; $PY -c 'import sys, torch; print(sys.
 print(torch.__version__, torch.version.cuda, torch.version.hip, torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'; \
 $PY -c 'import triton; print(\"triton\", triton.__version__)'"
-stage doctor "$PY" -m adoptim.cli doctor --compile
+stage doctor "$PY" -m adoptim.tools.cli doctor --compile
 
 if [ "$QUICK" = 0 ]; then
     stage tests "$PY" -m pytest -q -x -p no:cacheprovider -rs
@@ -57,7 +57,7 @@ fi
 stage triton "$PY" -m pytest -v -p no:cacheprovider -rs tests/test_triton.py \
     tests/test_triton_lowbit.py
 
-stage bench "$PY" -m adoptim.cli bench --device cuda --suites a,b,c --rounds 3 --repeats 20 \
+stage bench "$PY" -m adoptim.tools.cli bench --device cuda --suites a,b,c --rounds 3 --repeats 20 \
     --warmup 5 --no-progress --out "$OUT/bench" \
     --optimizers 'adam-fused,adam-foreach,adopt-fused,adopt-foreach,adopt-default,torch-adopt-*,timm-*,pytorch_optimizer,adopt-8bit-fused,adopt-8bit-foreach,torchao-adamw8bit,bnb-adam8bit'
 

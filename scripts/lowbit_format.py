@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from adoptim import _quant
+from adoptim.formats import blockwise8 as _quant
 
 BLOCK = _quant.BLOCK
 
@@ -139,7 +139,7 @@ def linear_signed(levels, rounding):
 
 
 def chosen_v():
-    """The library's format (adoptim._quant): v^(1/4) linear, unbiased in v, no zero code."""
+    """The library's format (adoptim.formats.blockwise8): v^(1/4) linear, unbiased in v, no zero code."""
     counter = [0]
 
     def quant(x, gen):
@@ -162,7 +162,7 @@ def chosen_m():
     return quant, lambda st: _quant.dequantize_m(*st)
 
 
-CHOSEN_V = "chosen: adoptim._quant (v^(1/4) linear, unbiased in v, no zero code, Weyl dither)"
+CHOSEN_V = "chosen: adoptim.formats.blockwise8 (v^(1/4) linear, unbiased in v, no zero code, Weyl dither)"
 V_CANDIDATES = {
     "v linear, nearest": linear_unsigned(255, 1, "nearest"),
     "v linear, stochastic": linear_unsigned(255, 1, "value"),
@@ -180,7 +180,7 @@ M_CANDIDATES = {
     "m linear, stochastic": linear_signed(127, "stochastic"),
     "m dynamic map, nearest": with_map(dynamic_map(True), "nearest", True),
     "m dynamic map, stochastic": with_map(dynamic_map(True), "value", True),
-    "chosen: adoptim._quant (m linear, stochastic, Weyl dither)": chosen_m(),
+    "chosen: adoptim.formats.blockwise8 (m linear, stochastic, Weyl dither)": chosen_m(),
 }
 
 

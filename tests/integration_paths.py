@@ -28,7 +28,7 @@ def fused_unavailable_reason() -> str | None:
         ADOPT([torch.zeros(2, requires_grad=True)], fused=True)
         # The kernel is built in the background on first use and the for-loop code runs
         # until it is ready; wait, so that a "fused" test runs the kernel from start to end.
-        from adoptim import _kernel_cache
+        from adoptim.kernels.cpu import build as _kernel_cache
 
         load = getattr(_kernel_cache, "load_kernel", None)
         if load is not None:

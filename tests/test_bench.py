@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from adoptim import bench
-from adoptim.cli import SUBCOMMANDS, main
+from adoptim.tools import bench
+from adoptim.tools.cli import SUBCOMMANDS, main
 
 
 def test_gpt2_small_shapes():

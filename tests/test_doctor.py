@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from adoptim import _kernel_cache, _triton_kernel, doctor
+from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.tools import doctor
 
 
 def test_findings_name_versions_cache_gpus_and_paths(capsys):
@@ -58,7 +60,7 @@ def test_compile_prints_one_line_per_variant_and_target():
         pytest.skip(f"triton {triton.__version__} lacks ASTSource(constexprs=)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "adoptim.cli", "doctor", "--compile", "--json"],
+        [sys.executable, "-m", "adoptim.tools.cli", "doctor", "--compile", "--json"],
         capture_output=True, text=True, env=env, timeout=900, check=False,
     )  # fmt: skip
     report = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -45,7 +45,7 @@ def test_quick_sweep_is_small_and_registered(capsys):
     assert not any(c.optimizer == lb.TORCHAO_ARM for c in sweep)  # compiles for 10-30 s
     assert {c.seed for c in sweep if c.task != "toy"} == set(lb.QUICK_SEEDS)
     assert "lowbit" in REGISTRY and get_experiment("lowbit") is lb.EXPERIMENT
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])

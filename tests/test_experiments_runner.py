@@ -186,7 +186,7 @@ def test_reproduce_runs_a_registered_experiment(tmp_path, monkeypatch, capsys):
                       report)
     monkeypatch.setitem(REGISTRY, "fake", "unused.module")
     monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     assert main(["reproduce", "fake", "--full", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -226,7 +226,7 @@ def test_reproduce_skips_an_experiment_whose_data_is_missing(tmp_path, monkeypat
     for name in experiments:
         monkeypatch.setitem(REGISTRY, name, "unused.module")
     monkeypatch.setattr(reproduce_mod, "get_experiment", experiments.__getitem__)
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     assert main(["reproduce", "missing", "ok", "--out", str(tmp_path), "--no-progress"]) == 1
     out = capsys.readouterr().out
@@ -238,7 +238,7 @@ def test_reproduce_skips_an_experiment_whose_data_is_missing(tmp_path, monkeypat
 
 
 def test_reproduce_help_lists_profiles(capsys):
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
@@ -299,7 +299,7 @@ def test_reproduce_twice_says_the_second_reused_the_runs(tmp_path, monkeypatch, 
                       lambda: [Cfg(steps=2)], run, report)
     monkeypatch.setitem(REGISTRY, "fake", "unused.module")
     monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     args = ["reproduce", "fake", "--quick", "--out", str(tmp_path), "--no-progress"]
     assert main(args) == 0
@@ -346,7 +346,7 @@ def test_one_seed_shows_no_spread():
 def test_reproduce_help_and_readme_give_the_same_times(capsys):
     from pathlib import Path
 
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])

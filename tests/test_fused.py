@@ -15,8 +15,10 @@ import shutil
 import pytest
 import torch
 
-import adoptim._forloop as forloop_module
-from adoptim import ADOPT, ADOPTW, _cpu_kernel, _kernel_cache
+import adoptim.paths.forloop as forloop_module
+from adoptim import ADOPT, ADOPTW
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.cpu import build as _kernel_cache
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -645,7 +647,7 @@ def test_cold_build_in_fresh_cache(tmp_path):
 
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "adoptim.bench", "--startup-child", "b", "0.001", "adopt", "0"],
+        [sys.executable, "-m", "adoptim.tools.bench", "--startup-child", "b", "0.001", "adopt", "0"],
         env=env,
         capture_output=True,
         text=True,

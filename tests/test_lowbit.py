@@ -22,8 +22,9 @@ from integration_paths import fused_unavailable_reason
 from reference import ReferenceADOPT, as_real
 from test_reference_match import SETTINGS, build_groups, config
 
-import adoptim._forloop as forloop_module
-from adoptim import ADOPT, ADOPTW, _quant
+import adoptim.paths.forloop as forloop_module
+from adoptim import ADOPT, ADOPTW
+from adoptim.formats import blockwise8 as _quant
 
 EIGHT = dict(state_dtype="8bit", min_8bit_size=0)
 PATHS8 = {
@@ -495,7 +496,7 @@ def test_dtensor_8bit_state_is_the_plain_state_on_one_rank(path, dtype, mesh_kin
 
     require(path)
     if path in ("fused", "default") and fused_unavailable_reason() is None:
-        from adoptim import _kernel_cache
+        from adoptim.kernels.cpu import build as _kernel_cache
 
         _kernel_cache.load_kernel(wait=True, timeout=600)
     shape, placements = MESHES[mesh_kind]

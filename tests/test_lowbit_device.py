@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from adoptim import ADOPT, _quant
+from adoptim import ADOPT
+from adoptim.formats import blockwise8 as _quant
 from adoptim.functional import adopt
 
 PATHS = {

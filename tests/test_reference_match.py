@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from integration_paths import fused_unavailable_reason
 from reference import Hyper, ReferenceADOPT, as_real
 
-import adoptim._forloop as forloop_module
+import adoptim.paths.forloop as forloop_module
 from adoptim import ADOPT
 
 N_STEPS = 50

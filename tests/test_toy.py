@@ -99,7 +99,7 @@ def test_experiment_tiny(tmp_path):
 
 
 def test_toy_cli_prints_table(capsys, tmp_path):
-    from adoptim.cli import main
+    from adoptim.tools.cli import main
 
     out_json = tmp_path / "t.json"
     rc = main(["toy", "--steps", "200", "--seeds", "8", "--no-progress", "--json", str(out_json)])

@@ -40,9 +40,11 @@ import torch
 from hypothesis import example, given, settings
 from reference import Hyper, ReferenceADOPT
 
-import adoptim._foreach as foreach_module
-import adoptim._forloop as forloop_module
-from adoptim import ADOPT, _cpu_kernel, _triton_kernel
+import adoptim.paths.foreach as foreach_module
+import adoptim.paths.forloop as forloop_module
+from adoptim import ADOPT
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.triton import launch as _triton_kernel
 
 # Launch shapes for the interpreter: 16-element blocks, 32-element chunks.
 SMALL = _triton_kernel.LaunchConfig(block=16, chunk=32, num_warps=1, schedule_block=4)
@@ -324,7 +326,7 @@ def test_importing_adoptim_does_not_import_triton():
         "opt = adoptim.ADOPT([p], foreach=False)\n"
         "p.grad = torch.ones(3)\n"
         "opt.step()\n"
-        "assert 'adoptim._triton_jit' not in sys.modules, 'a step imported the kernels'\n"
+        "assert 'adoptim.kernels.triton.jit' not in sys.modules, 'a step imported the kernels'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != _triton_kernel.BACKEND_ENV}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
@@ -561,7 +563,7 @@ def test_fused_true_without_interpreter_raises_at_construction(monkeypatch):
 def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(monkeypatch):
     """Compile errors (simulated: warmup raises) surface with Triton's message under
     fused=True; under the default the step runs on the unfused path after one warning."""
-    from adoptim import _triton_jit
+    from adoptim.kernels.triton import jit as _triton_jit
 
     def broken(*args, **kwargs):
         raise RuntimeError("ptxas fatal: something Triton said")
@@ -599,7 +601,7 @@ def test_fused_true_without_triton_raises_at_construction_naming_the_extra(monke
 def test_default_falls_back_with_one_warning_when_the_kernel_fails_to_compile(monkeypatch):
     """Under the default (fused unset; here CPU tensors with the Triton backend), a compile
     failure warns once and the step runs on the unfused path: the same result."""
-    from adoptim import _triton_jit
+    from adoptim.kernels.triton import jit as _triton_jit
 
     def broken(*args, **kwargs):
         raise RuntimeError("ptxas fatal: something Triton said")
@@ -647,7 +649,7 @@ def _compile_in_subprocess(archs):
     code = (
         "import json, sys\n"
         "from triton.backends.compiler import GPUTarget\n"
-        "from adoptim import _triton_kernel as tk\n"
+        "from adoptim.kernels.triton import launch as tk\n"
         f"targets = [(f'sm_{{a}}', GPUTarget('cuda', a, 32)) for a in {list(archs)}]\n"
         "print(json.dumps(tk.compile_report(targets)))\n"
     )
@@ -826,7 +828,7 @@ def test_dtensor_parameters_take_the_fused_kernel_on_their_shards(backend, one_r
         reason = _cpu_kernel.unsupported_reason()
         if reason is not None:
             pytest.skip(f"C++ kernel unavailable: {reason}")
-        from adoptim import _kernel_cache
+        from adoptim.kernels.cpu import build as _kernel_cache
 
         _kernel_cache.load_kernel(wait=True, timeout=600)
     gen = torch.Generator().manual_seed(4)

@@ -42,8 +42,8 @@ import torch
 from hypothesis import given, settings
 from integration_paths import fused_unavailable_reason
 
-import adoptim._foreach as foreach_module
-import adoptim._forloop as forloop_module
+import adoptim.paths.foreach as foreach_module
+import adoptim.paths.forloop as forloop_module
 from adoptim import (
     ADOPT,
     _cpu_kernel,
@@ -418,7 +418,7 @@ def test_path_choice_on_cuda(monkeypatch):
 
 @interpreter_only
 def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(monkeypatch):
-    from adoptim import _triton_jit
+    from adoptim.kernels.triton import jit as _triton_jit
 
     def broken(*args, **kwargs):
         raise RuntimeError("ptxas fatal: something Triton said")
@@ -456,7 +456,7 @@ def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(m
 _AOT = """
 import json, re
 from triton.backends.compiler import GPUTarget
-from adoptim import _triton_kernel as tk
+from adoptim.kernels.triton import launch as tk
 out = []
 for label, target in [("sm_90", GPUTarget("cuda", 90, 32)), ("gfx942", GPUTarget("hip", "gfx942", 64))]:
     for v in [v for v in tk.variants() if v.kind == "update8"]:

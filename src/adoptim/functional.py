@@ -3,12 +3,12 @@
 Paths, one module each, all with this signature (tensor lists by position, scalars by
 keyword):
 
-* :mod:`adoptim._forloop`: one tensor at a time, the readable definition;
-* :mod:`adoptim._foreach`: the same operations on whole buckets of tensors;
-* :mod:`adoptim._cpu_kernel`: the fused C++ kernel on CPU tensors.
+* :mod:`adoptim.paths.forloop`: one tensor at a time, the readable definition;
+* :mod:`adoptim.paths.foreach`: the same operations on whole buckets of tensors;
+* :mod:`adoptim.kernels.cpu.launch`: the fused C++ kernel on CPU tensors.
 
 Float32 state for low-precision parameters and GradScaler unscaling are handled around the
-unfused paths by :func:`adoptim._state.run_unfused`, and inside the kernel.
+unfused paths by :func:`adoptim.formats.state.run_unfused`, and inside the kernel.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adoptim import _cpu_kernel, _foreach, _forloop, _lowbit, _triton_kernel
-from adoptim._state import run_unfused
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.paths import foreach as _foreach
+from adoptim.paths import forloop as _forloop
+from adoptim.formats import blockwise8_step as _lowbit
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.formats.state import run_unfused
 from adoptim._utils import as_scalar, is_compiling
 
 __all__ = ["adopt"]
@@ -76,7 +80,7 @@ def adopt(
     Moments wider than their parameter (float32 state for bfloat16) make the update run in
     float32 and round the parameter once (``stochastic_rounding`` for bfloat16).
     Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
-    moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim._lowbit`) and
+    moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim.formats.blockwise8_step`) and
     take the same path as the others.
     """
     # The Triton kernels (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton): the float one

@@ -22,9 +22,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adoptim import _cpu_kernel, _kernel_cache, _state, _triton_kernel
-from adoptim._convert import from_adam
-from adoptim._schedule import DEFAULT_CLIP, ClipSpec, PowerClip, split_clip
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.formats import state as _state
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.convert import from_adam
+from adoptim.schedule import DEFAULT_CLIP, ClipSpec, PowerClip, split_clip
 from adoptim.functional import adopt
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]

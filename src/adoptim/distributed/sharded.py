@@ -2,9 +2,9 @@
 other meshes whose placements are ``Shard(dim)`` (torch.chunk sharding) or ``Replicate()``.
 
 Each rank quantizes its local shard: the local shard's real elements, flattened, are cut into
-blocks of :data:`adoptim._quant.BLOCK` exactly as a plain tensor's are, and every update path
+blocks of :data:`adoptim.formats.blockwise8.BLOCK` exactly as a plain tensor's are, and every update path
 (for-loop, foreach, fused kernel) runs on the local tensors (:func:`local_views`). The step's
-rounding seed is the plain one of the local shard (:func:`adoptim._quant.state_seed` of its
+rounding seed is the plain one of the local shard (:func:`adoptim.formats.blockwise8.state_seed` of its
 call count and local size), so with one rank the state is bit-for-bit that of a plain tensor.
 
 The state entries are DTensors, so that ``torch.distributed.checkpoint`` (DCP) saves each
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant
+from adoptim.formats import blockwise8 as _quant
 
 __all__ = [
     "as_sharded",

@@ -16,8 +16,8 @@ __all__ = ["main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("adoptim.experiments.toy", "the paper's convex counterexample: Adam vs ADOPT"),
     "reproduce": ("adoptim.experiments.reproduce", "run the experiments, write reports"),
-    "bench": ("adoptim.bench", "step time of every ADOPT path vs torch Adam and other ADOPTs"),
-    "doctor": ("adoptim.doctor", "why a fast path is or is not used here; --compile builds them"),
+    "bench": ("adoptim.tools.bench", "step time of every ADOPT path vs torch Adam and other ADOPTs"),
+    "doctor": ("adoptim.tools.doctor", "why a fast path is or is not used here; --compile builds them"),
 }
 
 

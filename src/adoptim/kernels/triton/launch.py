@@ -5,7 +5,7 @@ runs here. Per group of tensors that share a device and dtypes (parameter, state
 alignment), a step is two launches, whatever the number of tensors:
 
 1. ``schedule_kernel`` computes each tensor's scalars from its call count on the device (the
-   schedule of :func:`adoptim._schedule.call_scalars`) and advances the count, unless
+   schedule of :func:`adoptim.schedule.call_scalars`) and advances the count, unless
    GradScaler's ``found_inf`` is set;
 2. ``adopt_kernel`` updates every element, walking a table of pointers, sizes and work items
    (one per chunk of ``CONFIG.chunk`` elements).
@@ -18,7 +18,7 @@ then read on the host, once per step, as on the other paths.
 
 Tables are cached per layout (the tensors' addresses), so a steady training loop copies
 nothing to the device per step. Tensors with 8-bit state (``state_dtype="8bit"``) take their
-own kernel, launched by :mod:`adoptim._triton_lowbit` under the same rule (:func:`selected`);
+own kernel, launched by :mod:`adoptim.kernels.triton.launch8` under the same rule (:func:`selected`);
 its variants are compiled ahead of time with these (:func:`variants`).
 
 On CPU tensors this path runs only when asked for, with ``ADOPTIM_FUSED_BACKEND=triton``, and
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim._schedule import call_scalars
+from adoptim.schedule import call_scalars
 from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling
 
@@ -193,7 +193,7 @@ def unsupported_reason(
 
 def _jit():
     """The kernels module (imports triton)."""
-    from adoptim import _triton_jit
+    from adoptim.kernels.triton import jit as _triton_jit
 
     return _triton_jit
 
@@ -747,7 +747,7 @@ def aot_compile(variant: Variant, target, cfg: LaunchConfig | None = None):
     import triton.language as tl
 
     if variant.kind == "update8":
-        from adoptim import _triton_lowbit
+        from adoptim.kernels.triton import launch8 as _triton_lowbit
 
         return _triton_lowbit.aot_compile(variant, target)
     jit = _jit()
@@ -849,7 +849,7 @@ def access_summary(asm: dict, variant: Variant, cfg: LaunchConfig | None = None)
     cfg = cfg or CONFIG
     block, warps, warps_amd = cfg.block, cfg.num_warps, cfg.num_warps_amd
     if variant.kind == "update8":  # theta, g, m codes, v codes (the scales are per 256)
-        from adoptim import _triton_lowbit
+        from adoptim.kernels.triton import launch8 as _triton_lowbit
 
         cfg8 = _triton_lowbit.CONFIG
         block, warps, warps_amd = cfg8.rows * 256, cfg8.num_warps, cfg8.num_warps_amd

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adoptim._schedule import call_scalars
+from adoptim.schedule import call_scalars
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["single_tensor_adopt"]

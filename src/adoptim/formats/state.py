@@ -4,14 +4,14 @@ moments wider than their parameter (float32 state for bfloat16/float16 parameter
 With float32 state every path computes the update in float32 and rounds the parameter once
 (to nearest even, or stochastically for bfloat16), as the kernel does.
 
-``state_dtype="8bit"`` keeps m and v as block-wise 8-bit codes (format: :mod:`adoptim._quant`;
-the step: :mod:`adoptim._lowbit`) for float32/bfloat16/float16/complex64 parameters with at
+``state_dtype="8bit"`` keeps m and v as block-wise 8-bit codes (format: :mod:`adoptim.formats.blockwise8`;
+the step: :mod:`adoptim.formats.blockwise8_step`) for float32/bfloat16/float16/complex64 parameters with at
 least ``min_8bit_size`` real elements (default 4,096, as bitsandbytes and torchao); smaller
 tensors, and float64 ones, keep the moments ``"auto"`` would give them. State entries of an
 8-bit tensor, all plain tensors: ``exp_avg`` (int8 codes of m, flat), ``exp_avg_scale``
 (float32, one per block of 256), ``exp_avg_sq`` (uint8 codes of v, flat), ``exp_avg_sq_scale``
 and ``step``. For a DTensor parameter (FSDP2) they are DTensors holding the local shard's
-codes and scales (layout: :mod:`adoptim._sharded`).
+codes and scales (layout: :mod:`adoptim.distributed.sharded`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant, _sharded
+from adoptim.formats import blockwise8 as _quant
+from adoptim.distributed import sharded as _sharded
 
 __all__ = [
     "LOW_PRECISION",

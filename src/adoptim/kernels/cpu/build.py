@@ -5,7 +5,7 @@ The kernels are built with ``torch.utils.cpp_extension`` on first use and cached
 library (both sources, two ops in the ``adoptim`` namespace) for all tensors and dtypes.
 Building takes 6-40 s, so it never blocks a step:
 
-* the first time a fused step is wanted, a detached ``python -m adoptim._kernel_build``
+* the first time a fused step is wanted, a detached ``python -m adoptim.kernels.cpu.builder``
   process builds the library and moves it atomically into the cache
   (``$TORCH_EXTENSIONS_DIR/adoptim_fused/<key>/``, default ``~/.cache/torch_extensions``); the
   key hashes the sources, the compiler flags and the torch/Python versions;
@@ -160,7 +160,7 @@ def _start_build(directory: Path) -> None:
             continue
         with open(directory / "build.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "adoptim._kernel_build", str(directory)],
+                [sys.executable, "-m", "adoptim.kernels.cpu.builder", str(directory)],
                 env={**os.environ, "PATH": _build_path()},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -189,7 +189,7 @@ def failure_message(directory: Path | None = None) -> str | None:
             return (
                 f"building the fused ADOPT kernel failed (log: {directory / 'build.log'}):\n"
                 f"{log}\nLeave fused unset to use the for-loop path, or fix the compiler "
-                "and call adoptim._kernel_cache.clear_failure()."
+                "and call adoptim.kernels.cpu.build.clear_failure()."
             )
     except OSError:
         pass

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
-from adoptim import _cpu_kernel, _kernel_cache, _triton_kernel
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.kernels.triton import launch as _triton_kernel
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -223,7 +225,7 @@ def compile_triton() -> list[dict[str, Any]]:
         records = _triton_kernel.compile_report()
     else:
         code = (
-            "import json; from adoptim import _triton_kernel as tk; "
+            "import json; from adoptim.kernels.triton import launch as tk; "
             "print(json.dumps(tk.compile_report()))"
         )
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,8 +1,8 @@
 """The fused CPU path: the whole step in one pass over memory, by the C++ kernel.
 
 This module hands a step to the kernel (``csrc/fused_adopt.cpp``; built and cached by
-:mod:`adoptim._kernel_cache`): it buckets the tensors by dtype, computes the per-tensor
-scalars with the same code as the other paths (:func:`adoptim._schedule.call_scalars`), and
+:mod:`adoptim.kernels.cpu.build`): it buckets the tensors by dtype, computes the per-tensor
+scalars with the same code as the other paths (:func:`adoptim.schedule.call_scalars`), and
 says which tensors the kernel cannot take, so that the caller runs those (or all of them,
 while the kernel is being built) on the for-loop path.
 """
@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim._kernel_cache import (
+from adoptim.kernels.cpu.build import (
     build_unavailable_reason,
     buildable,
     failure_message,
     is_loaded,
     load_kernel,
 )
-from adoptim._schedule import call_scalars
+from adoptim.schedule import call_scalars
 from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling, view_as_real_if_complex
 

@@ -1,4 +1,4 @@
-"""The Triton kernels of the fused GPU path; :mod:`adoptim._triton_kernel` launches them.
+"""The Triton kernels of the fused GPU path; :mod:`adoptim.kernels.triton.launch` launches them.
 
 Imported only when a Triton step (or ``adoptim doctor --compile``) asks for them, so that
 importing adoptim never imports triton.
@@ -6,7 +6,7 @@ importing adoptim never imports triton.
 Two kernels, each launched once per group of tensors that share a device and dtypes:
 
 * :func:`schedule_kernel`, one lane per tensor: reads each tensor's call count ``s`` on the
-  device and writes the per-tensor scalars of :func:`adoptim._schedule.call_scalars` (clip
+  device and writes the per-tensor scalars of :func:`adoptim.schedule.call_scalars` (clip
   bound, weight of ``g*g``, whether the tensor has started) into a small table, zeroes the
   caution counters, and advances ``s`` unless GradScaler's ``found_inf`` is set. Nothing is
   read on the host, so a step can be captured in a CUDA graph.
@@ -18,7 +18,7 @@ Two kernels, each launched once per group of tensors that share a device and dty
   ``caution`` it runs twice: ``COUNT_ONLY`` counts the coordinates where ``u * g > 0`` (atomic
   add per tensor), then the update divides by that tensor's mean.
 
-The operations follow the for-loop path (``adoptim._forloop``) in its order, as the CPU
+The operations follow the for-loop path (``adoptim.paths.forloop``) in its order, as the CPU
 kernel (``csrc/fused_adopt.cpp``) does: see the comments there for the choices (NaN-passing
 clamps written as selects, torch.lerp's two formulas).
 """
@@ -328,7 +328,7 @@ def schedule_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# 8-bit state (state_dtype="8bit"; format: adoptim._quant; launcher: adoptim._triton_lowbit)
+# 8-bit state (state_dtype="8bit"; format: adoptim.formats.blockwise8; launcher: adoptim.kernels.triton.launch8)
 #
 # adopt_8bit_kernel: one program per tile of ROWS blocks of 256 elements (the format's block)
 # of one tensor, as a (ROWS, 256) tile: theta and g, the int8 m codes and uint8 v codes and

@@ -1,16 +1,16 @@
 """The Triton path for 8-bit moments (``state_dtype="8bit"`` with ``fused=True`` on CUDA/ROCm,
 and under the same rule as the float Triton kernel by default: see
-:func:`adoptim._triton_kernel.selected`): hands a step to ``_triton_jit.adopt_8bit_kernel``.
+:func:`adoptim.kernels.triton.launch.selected`): hands a step to ``_triton_jit.adopt_8bit_kernel``.
 
 One launch per group of tensors that share a device, a parameter dtype and 16-byte alignment:
 one program per tile of ``CONFIG.rows`` blocks of 256 elements (the format's block) of one
 tensor, found through a table of pointers, sizes and work items cached per layout (as for
 the float kernel). The kernel runs the float32 update of the for-loop path on each block and
-requantizes it with the format's random numbers (:mod:`adoptim._quant`), as the C++ 8-bit
+requantizes it with the format's random numbers (:mod:`adoptim.formats.blockwise8`), as the C++ 8-bit
 kernel does (``csrc/fused_adopt_8bit.cpp``).
 
 The per-tensor scalars (clip bound, weight of g*g, decoupled decay) and each tensor's
-rounding seed (:func:`adoptim._quant.state_seed`, from its call count and size) are computed
+rounding seed (:func:`adoptim.formats.blockwise8.state_seed`, from its call count and size) are computed
 on the host, as on the other 8-bit paths: 8-bit state keeps its step counts on the host
 (``capturable=True`` is refused), so this costs no device read; they are copied to the device
 with the step (one small pinned copy per group), and the counts are advanced on the host.
@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant, _triton_kernel
-from adoptim._schedule import call_scalars
+from adoptim.formats import blockwise8 as _quant
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.schedule import call_scalars
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["CONFIG", "LaunchConfig8", "aot_compile", "triton_adopt_8bit"]
@@ -291,7 +292,7 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
 
 
 def aot_compile(variant, target, cfg: LaunchConfig8 | None = None):
-    """Compile an ``update8`` :class:`adoptim._triton_kernel.Variant` for ``target`` without
+    """Compile an ``update8`` :class:`adoptim.kernels.triton.launch.Variant` for ``target`` without
     a GPU; returns Triton's compiled kernel."""
     import triton
     import triton.language as tl

@@ -1,22 +1,22 @@
 """The step for parameters with 8-bit moments (``state_dtype="8bit"``; format in
-:mod:`adoptim._quant`).
+:mod:`adoptim.formats.blockwise8`).
 
 The for-loop and foreach paths are defined by the float32 ones: each tensor's moments are
-dequantized to float32, the unchanged float32 update (:func:`adoptim._forloop.
+dequantized to float32, the unchanged float32 update (:func:`adoptim.paths.forloop.
 single_tensor_adopt`, or the foreach path) runs on them, and they are requantized. Only a
 bounded chunk of tensors is dequantized at a time (one tensor for the for-loop path), so the
 float32 copies never hold the whole model's state. The fused kernel
 (``csrc/fused_adopt_8bit.cpp``) does the same per block of 256 elements with the codes and
 scales in registers.
 
-Rounding is stochastic (see :mod:`adoptim._quant`): each tensor's seed for a step is a hash of
-its call count and size (:func:`adoptim._quant.state_seed`; stored nowhere, no generator
+Rounding is stochastic (see :mod:`adoptim.formats.blockwise8`): each tensor's seed for a step is a hash of
+its call count and size (:func:`adoptim.formats.blockwise8.state_seed`; stored nowhere, no generator
 drawn from), and every path derives the same random numbers from it, so the for-loop path and
 the kernel agree to float32 rounding (a code may differ by one where the two round an
 intermediate differently).
 
 DTensor parameters (FSDP2): every path steps each rank's local shard and its local codes and
-scales (:mod:`adoptim._sharded`), except that with ``caution`` the float32 update sees
+scales (:mod:`adoptim.distributed.sharded`), except that with ``caution`` the float32 update sees
 DTensors, so that the mask's mean is over the whole tensor.
 """
 
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim import _quant, _sharded
+from adoptim.formats import blockwise8 as _quant
+from adoptim.distributed import sharded as _sharded
 from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["adopt_8bit", "run_dequantized", "stochastic_round_bf16"]
@@ -151,10 +152,11 @@ def adopt_8bit(
 
     ``path``: ``"fused"`` (the C++ kernel; tensors it cannot take, or all of them while it
     is being built, run the for-loop path), ``"triton"`` (the Triton kernel,
-    :mod:`adoptim._triton_lowbit`; what it leaves runs the foreach path on CUDA, the
+    :mod:`adoptim.kernels.triton.launch8`; what it leaves runs the foreach path on CUDA, the
     for-loop path elsewhere), ``"foreach"`` or ``"forloop"``.
     """
-    from adoptim import _foreach, _forloop  # the float32 paths this one is defined by
+    from adoptim.paths import foreach as _foreach
+    from adoptim.paths import forloop as _forloop  # the float32 paths this one is defined by
 
     sharded = {i: params[i] for i in index if _sharded.is_dtensor(params[i])}
     if sharded:  # FSDP2: each rank steps its local shard
@@ -167,7 +169,7 @@ def adopt_8bit(
             m_codes[i], m_scales[i], v_codes[i], v_scales[i] = state
     lists = (params, grads, m_codes, m_scales, v_codes, v_scales, state_steps)
     if path == "fused":
-        from adoptim import _lowbit_kernel
+        from adoptim.kernels.cpu import launch8 as _lowbit_kernel
 
         index = _lowbit_kernel.fused_adopt_8bit(
             index, *lists, strict=strict, grad_scale=grad_scale,
@@ -176,7 +178,7 @@ def adopt_8bit(
         if not index:
             return
     elif path == "triton":  # CUDA/ROCm (CPU tensors under Triton's interpreter)
-        from adoptim import _triton_lowbit
+        from adoptim.kernels.triton import launch8 as _triton_lowbit
 
         index = _triton_lowbit.triton_adopt_8bit(
             index, *lists, strict=strict, grad_scale=grad_scale,

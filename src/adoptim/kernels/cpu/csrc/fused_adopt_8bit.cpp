@@ -4,7 +4,7 @@
 // (format: adoptim/_quant.py; Dettmers et al. 2021 for block-wise quantization, Li et al.
 // 2023 for keeping a nonzero v off the zero code). Per block of 256 elements it reads theta,
 // g and one byte each of m and v, runs the float32 ADOPT update (the same operations, in the
-// same order, as adoptim._forloop.single_tensor_adopt and the float kernel), keeps the new m
+// same order, as adoptim.paths.forloop.single_tensor_adopt and the float kernel), keeps the new m
 // and v in a stack buffer (L1, two blocks: 4 KB), takes the block's new scales (largest |m|,
 // largest sqrt(v)) and writes the requantized codes: 16 bytes of traffic per float32
 // parameter plus 8 bytes of scales per 256, and no tensor-sized temporaries.

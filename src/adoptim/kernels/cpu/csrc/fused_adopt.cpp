@@ -5,7 +5,7 @@
 // the 28 bytes/param that the benchmark counts (caution=True adds a counting pass that reads
 // them once more). The per-tensor scalars (clip bound, weight of g*g in v, decoupled-decay
 // factor) come from Python, computed by the same code as the other paths
-// (adoptim._schedule.call_scalars), so the schedule lives in one place. The update follows
+// (adoptim.schedule.call_scalars), so the schedule lives in one place. The update follows
 // the for-loop path's operations in its order, so that the two agree to float32 rounding.
 //
 // Work is split over the *concatenation* of all tensors, not tensor by tensor: one

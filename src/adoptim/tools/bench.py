@@ -165,7 +165,7 @@ def _timm_adopt() -> type:
 
 
 def _fused_unavailable() -> str | None:
-    from adoptim import _cpu_kernel
+    from adoptim.kernels.cpu import launch as _cpu_kernel
 
     return _cpu_kernel.unsupported_reason()
 
@@ -297,7 +297,7 @@ def _time_one(
         sync()
         first = time.perf_counter() - t0
         if entry.name.startswith("adopt-") and not cuda:
-            from adoptim import _kernel_cache
+            from adoptim.kernels.cpu import build as _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
             kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused")
@@ -391,7 +391,7 @@ def _unavailable(entry: Entry, device: torch.device) -> str | None:
     """Why ``entry`` cannot run on ``device``, or None (on CUDA, adopt-fused and
     adopt-8bit-fused are the Triton kernels)."""
     if device.type == "cuda" and entry.name in ("adopt-fused", "adopt-8bit-fused"):
-        from adoptim import _triton_kernel
+        from adoptim.kernels.triton import launch as _triton_kernel
 
         return _triton_kernel.unsupported_reason([torch.empty(0, device=device)])
     return entry.available()
@@ -571,7 +571,8 @@ def _startup_child(suite: str, scale: float, which: str, spawned_at: float) -> N
     """Run in a fresh process: step ADOPT(fused=True) until the kernel has run once (or take
     one torch.optim.Adam(fused=True) step, for comparison); print the times as JSON."""
     t_start = time.perf_counter()
-    from adoptim import ADOPT, _kernel_cache
+    from adoptim import ADOPT
+    from adoptim.kernels.cpu import build as _kernel_cache
 
     params = _make_params(suite_shapes(suite, scale), 0)
     t_params = time.perf_counter()
@@ -614,7 +615,7 @@ def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
                 [
                     sys.executable,
                     "-m",
-                    "adoptim.bench",
+                    "adoptim.tools.bench",
                     "--startup-child",
                     suite,
                     str(scale),
@@ -630,7 +631,7 @@ def measure_startup(suite: str = "b", scale: float = 1.0) -> dict[str, Any]:
             res["process_s"] = time.perf_counter() - t0
             out[label] = res
             if label == "adopt cold":
-                from adoptim import _kernel_cache
+                from adoptim.kernels.cpu import build as _kernel_cache
 
                 # The detached builder may still be copying; wait for the published library.
                 key_dir = Path(cache) / "adoptim_fused" / _kernel_cache._cache_key()
@@ -825,6 +826,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--startup-child":
         _startup_child(sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
     else:
-        from adoptim.cli import main
+        from adoptim.tools.cli import main
 
         sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,10 +1,10 @@
 """The fused CPU path for 8-bit moments: hands a step to ``adoptim::fused_adopt_8bit_``
 (``csrc/fused_adopt_8bit.cpp``, built into the same library as the float kernel by
-:mod:`adoptim._kernel_cache`).
+:mod:`adoptim.kernels.cpu.build`).
 
-Per-tensor scalars come from :func:`adoptim._schedule.call_scalars`, as on the other paths;
+Per-tensor scalars come from :func:`adoptim.schedule.call_scalars`, as on the other paths;
 the kernel derives each tensor's rounding seed from its state, as
-:func:`adoptim._quant.state_seed` does. The kernel implements
+:func:`adoptim.formats.blockwise8.state_seed` does. The kernel implements
 ``nesterov`` but not ``caution``, whose rescaling needs the mean of a mask over the whole
 tensor before any element can be written: with ``caution=True`` the 8-bit tensors take the
 for-loop path (the same maths, about 3x slower).
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim._kernel_cache import failure_message, load_kernel
-from adoptim._schedule import call_scalars
+from adoptim.kernels.cpu.build import failure_message, load_kernel
+from adoptim.schedule import call_scalars
 from adoptim._utils import is_compiling, view_as_real_if_complex
 
 __all__ = ["KERNEL_DTYPES", "fused_adopt_8bit"]
