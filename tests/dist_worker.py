@@ -236,9 +236,9 @@ def _caution_reference(model, opt) -> list[list[torch.Tensor]]:
     the same path (for-loop or foreach) run on DTensors of the dequantized moments (DTensor
     reduces caution's mask mean across ranks), then the moments requantized with the step's
     seed."""
+    from adoptim.formats import blockwise8 as _quant
     from adoptim.paths import foreach as _foreach
     from adoptim.paths import forloop as _forloop
-    from adoptim.formats import blockwise8 as _quant
 
     group = opt.param_groups[0]
     update = _foreach.multi_tensor_adopt if group["foreach"] else _forloop.single_tensor_adopt
@@ -296,9 +296,9 @@ def run_fsdp2_8bit(out_dir, rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from adoptim.kernels.cpu import build as _kernel_cache
     from adoptim.kernels.cpu import launch as _cpu_kernel
     from adoptim.paths import forloop as _forloop
-    from adoptim.kernels.cpu import build as _kernel_cache
 
     mesh = init_device_mesh("cpu", (world,))
     batches = data(1)

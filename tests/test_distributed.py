@@ -113,8 +113,8 @@ def test_fsdp2_8bit_shards_match_plain_and_resume_bit_for_bit(tmp_path):
     SPLIT steps from a DCP checkpoint (get/set_optimizer_state_dict), from full state dicts
     and from opt.state_dict() through torch.save ends bit for bit where the uninterrupted run
     does. A 2-rank checkpoint is refused on 1 rank (the scales' global shape differs)."""
-    from adoptim.kernels.cpu import launch as _cpu_kernel
     from adoptim.kernels.cpu import build as _kernel_cache
+    from adoptim.kernels.cpu import launch as _cpu_kernel
 
     kernel = _cpu_kernel.unsupported_reason() is None
     if kernel:  # built once here, not by both workers at once

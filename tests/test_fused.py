@@ -17,8 +17,8 @@ import torch
 
 import adoptim.paths.forloop as forloop_module
 from adoptim import ADOPT, ADOPTW
-from adoptim.kernels.cpu import launch as _cpu_kernel
 from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.kernels.cpu import launch as _cpu_kernel
 
 # --------------------------------------------------------------------------------------------
 # Helpers

@@ -44,14 +44,12 @@ from integration_paths import fused_unavailable_reason
 
 import adoptim.paths.foreach as foreach_module
 import adoptim.paths.forloop as forloop_module
-from adoptim import (
-    ADOPT,
-    _cpu_kernel,
-    _lowbit,
-    _lowbit_kernel,
-    _triton_kernel,
-    _triton_lowbit,
-)
+from adoptim import ADOPT
+from adoptim.formats import blockwise8_step as _lowbit
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.cpu import launch8 as _lowbit_kernel
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.kernels.triton import launch8 as _triton_lowbit
 
 
 def _interpreter_fma_rounds_once() -> bool:

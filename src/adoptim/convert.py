@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adoptim.schedule import call_scalars
-from adoptim.formats.state import conform_state, state_dtype_for, step_device
 from adoptim._utils import view_as_real_if_complex
+from adoptim.formats.state import conform_state, state_dtype_for, step_device
+from adoptim.schedule import call_scalars
 
 __all__ = ["from_adam"]
 

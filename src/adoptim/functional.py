@@ -18,13 +18,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from adoptim._utils import as_scalar, is_compiling
+from adoptim.formats import blockwise8_step as _lowbit
+from adoptim.formats.state import run_unfused
 from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.paths import foreach as _foreach
 from adoptim.paths import forloop as _forloop
-from adoptim.formats import blockwise8_step as _lowbit
-from adoptim.kernels.triton import launch as _triton_kernel
-from adoptim.formats.state import run_unfused
-from adoptim._utils import as_scalar, is_compiling
 
 __all__ = ["adopt"]
 

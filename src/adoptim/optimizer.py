@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adoptim.kernels.cpu import launch as _cpu_kernel
-from adoptim.kernels.cpu import build as _kernel_cache
-from adoptim.formats import state as _state
-from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.convert import from_adam
-from adoptim.schedule import DEFAULT_CLIP, ClipSpec, PowerClip, split_clip
+from adoptim.formats import state as _state
 from adoptim.functional import adopt
+from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.schedule import DEFAULT_CLIP, ClipSpec, PowerClip, split_clip
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim.formats import blockwise8 as _quant
-from adoptim.distributed import sharded as _sharded
 from adoptim._utils import view_as_real_if_complex
+from adoptim.distributed import sharded as _sharded
+from adoptim.formats import blockwise8 as _quant
 
 __all__ = ["adopt_8bit", "run_dequantized", "stochastic_round_bf16"]
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim.formats import blockwise8 as _quant
 from adoptim.distributed import sharded as _sharded
+from adoptim.formats import blockwise8 as _quant
 
 __all__ = [
     "LOW_PRECISION",

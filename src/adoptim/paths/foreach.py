@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adoptim.schedule import call_scalars
 from adoptim._utils import group_by_device_and_dtype, view_as_real_if_complex
+from adoptim.schedule import call_scalars
 
 __all__ = ["multi_tensor_adopt"]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from adoptim.schedule import call_scalars
 from adoptim._utils import view_as_real_if_complex
+from adoptim.schedule import call_scalars
 
 __all__ = ["single_tensor_adopt"]
 

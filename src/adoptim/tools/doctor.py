@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from adoptim.kernels.cpu import launch as _cpu_kernel
 from adoptim.kernels.cpu import build as _kernel_cache
+from adoptim.kernels.cpu import launch as _cpu_kernel
 from adoptim.kernels.triton import launch as _triton_kernel
 
 __all__ = ["add_arguments", "main", "run"]

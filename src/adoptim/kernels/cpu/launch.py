@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
+from adoptim._utils import is_compiling, view_as_real_if_complex
 from adoptim.kernels.cpu.build import (
     build_unavailable_reason,
     buildable,
@@ -23,8 +25,6 @@ from adoptim.kernels.cpu.build import (
     load_kernel,
 )
 from adoptim.schedule import call_scalars
-from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
-from adoptim._utils import is_compiling, view_as_real_if_complex
 
 __all__ = ["SUPPORTED_DTYPES", "default_to_fused", "fused_adopt", "unsupported_reason"]
 

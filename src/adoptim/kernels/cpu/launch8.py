@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim._utils import is_compiling, view_as_real_if_complex
 from adoptim.kernels.cpu.build import failure_message, load_kernel
 from adoptim.schedule import call_scalars
-from adoptim._utils import is_compiling, view_as_real_if_complex
 
 __all__ = ["KERNEL_DTYPES", "fused_adopt_8bit"]
 

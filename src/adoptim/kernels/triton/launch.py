@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adoptim.schedule import call_scalars
 from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling
+from adoptim.schedule import call_scalars
 
 __all__ = [
     "BACKEND_ENV",

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim._utils import view_as_real_if_complex
 from adoptim.formats import blockwise8 as _quant
 from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.schedule import call_scalars
-from adoptim._utils import view_as_real_if_complex
 
 __all__ = ["CONFIG", "LaunchConfig8", "aot_compile", "triton_adopt_8bit"]
 
