@@ -47,7 +47,7 @@ import adoptim.paths.forloop as forloop_module
 from adoptim import ADOPT
 from adoptim.formats import blockwise8_step as _lowbit
 from adoptim.kernels.cpu import launch as _cpu_kernel
-from adoptim.kernels.cpu import launch8 as _lowbit_kernel
+from adoptim.kernels.triton import aot as _aot
 from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.kernels.triton import launch8 as _triton_lowbit
 
@@ -97,7 +97,7 @@ def on_triton(allow_forloop=False):
 
     refused = [(foreach_module, "multi_tensor_adopt", "foreach"),
                (_cpu_kernel, "fused_adopt", "C++ kernel"),
-               (_lowbit_kernel, "fused_adopt_8bit", "C++ 8-bit kernel")]  # fmt: skip
+               (_cpu_kernel, "fused_adopt_8bit", "C++ 8-bit kernel")]  # fmt: skip
     if not allow_forloop:
         refused.append((forloop_module, "single_tensor_adopt", "for-loop"))
     with contextlib.ExitStack() as stack:
@@ -454,7 +454,7 @@ def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(m
 _AOT = """
 import json, re
 from triton.backends.compiler import GPUTarget
-from adoptim.kernels.triton import launch as tk
+from adoptim.kernels.triton import aot as tk
 out = []
 for label, target in [("sm_90", GPUTarget("cuda", 90, 32)), ("gfx942", GPUTarget("hip", "gfx942", 64))]:
     for v in [v for v in tk.variants() if v.kind == "update8"]:
@@ -480,7 +480,7 @@ def test_every_8bit_variant_compiles_ahead_of_time_with_128_bit_accesses():
     if proc.returncode != 0:
         pytest.fail(f"the compile process failed:\n{proc.stderr[-3000:]}")
     records = json.loads(proc.stdout.strip().splitlines()[-1])
-    n = len([v for v in _triton_kernel.variants() if v.kind == "update8"])
+    n = len([v for v in _aot.variants() if v.kind == "update8"])
     assert n == 7 and len(records) == 2 * n
     failed = [r for r in records if not r["ok"]]
     assert not failed, failed

@@ -71,6 +71,8 @@ def adopt(
     stochastic_rounding: bool = False,
     exp_avg_scales: list[Tensor | None] | None = None,
     exp_avg_sq_scales: list[Tensor | None] | None = None,
+    seed: int = 0,
+    keys: list[int] | None = None,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
     in place. See :class:`ADOPT` for the algorithm and the arguments.
@@ -82,6 +84,9 @@ def adopt(
     Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
     moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim.formats.blockwise8_step`) and
     take the same path as the others.
+    ``seed`` and ``keys`` (one per tensor, stable across save/load: the optimizer passes each
+    parameter's index in its state_dict numbering; default 0, 1, ...) determine the random
+    numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).
     """
     # The Triton kernels (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton): the float one
     # reads found_inf on the device; the other paths, and every 8-bit path (whose step
@@ -93,6 +98,7 @@ def adopt(
     if found_inf is not None and (eight_bit or not triton) and found_inf.item() != 0:
         return
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    keys = list(range(len(params))) if keys is None else list(keys)
     # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
     as_tensors = capturable or differentiable or is_compiling()
     lr, beta1, beta2 = (as_scalar(x, on_host=not as_tensors) for x in (lr, beta1, beta2))
@@ -117,6 +123,7 @@ def adopt(
         caution=caution,
         grad_scale=grad_scale,
         stochastic_rounding=stochastic_rounding,
+        seed=seed,
     )
     use_fused = fused is True or (
         fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable)
@@ -129,31 +136,34 @@ def adopt(
             quantized, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs,
             exp_avg_sq_scales, state_steps,
             path="triton" if triton else "fused" if use_fused else path,
-            strict=fused is True, **kwargs,
+            strict=fused is True, keys=keys, **kwargs,
         )  # fmt: skip
         rest = [i for i, s in enumerate(exp_avg_scales) if s is None]
         if not rest:
             return
         lists = tuple([seq[i] for i in rest] for seq in lists)
+        keys = [keys[i] for i in rest]
         params = lists[0]
     if triton:
         # fused=True: a failed compile raises; under the default it warns and falls back.
         left = _triton_kernel.triton_adopt(
-            *lists, strict=fused is True, found_inf=found_inf, **kwargs
+            *lists, strict=fused is True, found_inf=found_inf, keys=keys, **kwargs
         )
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
         lists = tuple([seq[i] for i in left] for seq in lists)  # layouts it cannot walk
+        keys = [keys[i] for i in left]
         foreach = _default_foreach(lists[0], differentiable)
         use_fused = False
     if use_fused:
         # fused=True asked for the kernel: a failed build raises instead of falling back.
-        left = _cpu_kernel.fused_adopt(*lists, strict=fused is True, **kwargs)
+        left = _cpu_kernel.fused_adopt(*lists, strict=fused is True, keys=keys, **kwargs)
         if left:  # the kernel is still being built, or cannot walk these tensors
             lists = tuple([seq[i] for i in left] for seq in lists)
-            run_unfused(_forloop.single_tensor_adopt, *lists, **kwargs)
+            keys = [keys[i] for i in left]
+            run_unfused(_forloop.single_tensor_adopt, *lists, keys=keys, **kwargs)
         return
     if foreach is None:
         foreach = _default_foreach(params, differentiable)
     path = _foreach.multi_tensor_adopt if foreach else _forloop.single_tensor_adopt
-    run_unfused(path, *lists, **kwargs)
+    run_unfused(path, *lists, keys=keys, **kwargs)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adoptim import rng as _rng
 from adoptim.convert import from_adam
 from adoptim.formats import state as _state
 from adoptim.functional import adopt
@@ -162,6 +163,11 @@ class ADOPT(Optimizer):
         min_8bit_size: with ``state_dtype="8bit"``, tensors with fewer (real) elements keep
             float32 state (default 4096, the threshold bitsandbytes and torchao use: small
             tensors hold little memory, and biases and norms are the most sensitive).
+        seed: the seed of the step's random numbers (stochastic rounding, the 8-bit codes'
+            rounding), an integer in [0, 2**63). They are counter-based (a hash of the seed,
+            the parameter's index in ``state_dict()``, its step count and the element's
+            index; :mod:`adoptim.rng`): every path computes the same bits, a run resumed from
+            a checkpoint replays them, and torch's global generator is never drawn from.
 
     Example::
 
@@ -201,6 +207,7 @@ class ADOPT(Optimizer):
         nesterov: bool = False,
         caution: bool = False,
         min_8bit_size: int = 4096,
+        seed: int = 0,
     ) -> None:
         _check_range("learning rate", lr, 0.0, short="lr")
         _check_range("epsilon value (eps)", eps, 0.0)
@@ -235,6 +242,7 @@ class ADOPT(Optimizer):
             nesterov=bool(nesterov),
             caution=bool(caution),
             min_8bit_size=_state.check_min_8bit_size(min_8bit_size),
+            seed=_rng.check_seed(seed),
         )
         super().__init__(params, defaults)
         _state.check_8bit_groups(self.param_groups, fused=fused)
@@ -281,6 +289,7 @@ class ADOPT(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("caution", False)
             group.setdefault("min_8bit_size", 4096)
+            group.setdefault("seed", 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ADOPT, ADOPTW or torch-adopt's ADOPT.
@@ -390,12 +399,16 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
         scales: tuple[list, list] | None = None,
+        keys: list[int] | None = None,
+        first_key: int = 0,
     ) -> bool:
         """Collect the tensors that have a gradient on this call, creating state on first
         sight; return whether any of them is complex. ``scales`` collects the block scales
-        of 8-bit moments (None for the others)."""
+        of 8-bit moments (None for the others), ``keys`` each tensor's index in the
+        state_dict numbering (the group's first being ``first_key``): the key of its random
+        numbers (:mod:`adoptim.rng`), the same after save/load and on every rank."""
         has_complex = False
-        for p in group["params"]:
+        for key, p in enumerate(group["params"], first_key):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -418,6 +431,8 @@ class ADOPT(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            if keys is not None:
+                keys.append(key)
             if scales is not None:
                 scales[0].append(state.get("exp_avg_scale"))
                 scales[1].append(state.get("exp_avg_sq_scale"))
@@ -435,6 +450,7 @@ class ADOPT(Optimizer):
                 loss = closure()
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
+            first_key = 0  # state_dict() numbers the parameters of all groups in order
             for group in self.param_groups:
                 params: list[Tensor] = []
                 grads: list[Tensor] = []
@@ -442,9 +458,12 @@ class ADOPT(Optimizer):
                 exp_avg_sqs: list[Tensor] = []
                 state_steps: list[Tensor] = []
                 scales: tuple[list, list] = ([], [])
+                keys: list[int] = []
                 has_complex = self._init_group(
-                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales
+                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, keys,
+                    first_key,
                 )
+                first_key += len(group["params"])
                 if not params:
                     continue
                 beta1, beta2 = group["betas"]
@@ -476,6 +495,8 @@ class ADOPT(Optimizer):
                     caution=group["caution"],
                     exp_avg_scales=scales[0],
                     exp_avg_sq_scales=scales[1],
+                    seed=group["seed"],
+                    keys=keys,
                 )
         return loss
 
@@ -513,6 +534,7 @@ class ADOPTW(ADOPT):
         nesterov: bool = False,
         caution: bool = False,
         min_8bit_size: int = 4096,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -532,4 +554,5 @@ class ADOPTW(ADOPT):
             nesterov=nesterov,
             caution=caution,
             min_8bit_size=min_8bit_size,
+            seed=seed,
         )

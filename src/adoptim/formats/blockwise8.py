@@ -24,7 +24,8 @@ nearest freezes ``v``, and rounding ``sqrt(v)``'s code unbiasedly still biases `
 rounding variance on every step (measured: ``scripts/lowbit_format.py``, docs/lowbit.md).
 
 The random numbers are reproducible and the same on every path: each tensor's seed for a step
-is a hash of its call count and size (:func:`state_seed`), so it changes on every step,
+is a hash of the user's seed, the tensor's key and its call count (:func:`state_seed`, the
+rule of :mod:`adoptim.rng`), so it changes on every step,
 needs no generator (the user's random stream is untouched, and DDP ranks,
 ZeroRedundancyOptimizer shards and a resumed run all draw the same numbers as one
 uninterrupted process), and the kernel computes it itself. (Tensors of one size share the
@@ -41,10 +42,11 @@ one hash per block instead of one per element. The fused kernel
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 from torch import Tensor
+
+from adoptim import rng as _rng
 
 __all__ = [
     "BLOCK",
@@ -59,6 +61,7 @@ __all__ = [
     "quantize_m",
     "quantize_v",
     "state_seed",
+    "stochastic_round_bf16",
     "weyl",
 ]
 
@@ -102,24 +105,11 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _hash32_int(x: int) -> int:
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _f32_bits(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def state_seed(step: float, numel: int) -> int:
-    """The rounding seed of a tensor for one step: a hash of its call count before the step
-    (as float32 bits) and its number of (real) elements; the kernel's ``state_seed``."""
-    x = _hash32_int(_f32_bits(step) ^ 0x9E3779B9)
-    return _hash32_int(x ^ (numel & _MASK32))
+def state_seed(step: float, tensor_seed: int) -> int:
+    """The rounding seed of a tensor for one step: :func:`adoptim.rng.step_seed` of its
+    :func:`adoptim.rng.tensor_seed` (the user's seed and the tensor's key) and its call
+    count before the step; every path and kernel computes the same."""
+    return _rng.step_seed(tensor_seed, step)
 
 
 def block_offsets(
@@ -141,6 +131,22 @@ def dither(
     u = block_offsets(seed, stream, blocks, device)[:, None] + weyl(device)[None, :]
     u = torch.where(u >= 1.0, u - 1.0, u)  # frac: both terms are in [0, 1)
     return u.reshape(-1)[:numel]
+
+
+def stochastic_round_bf16(value: Tensor, seed: int) -> Tensor:
+    """float32 -> bfloat16, rounding up with probability equal to the discarded fraction: 16
+    random bits per element from the dither of stream :data:`STREAM_PARAM` for this step's
+    ``seed`` (:mod:`adoptim.rng`), as every path and kernel does, for float and 8-bit state
+    alike. NaN stays NaN; a value next to the largest finite bfloat16 that would round up to
+    inf is truncated instead."""
+    u = dither(seed, STREAM_PARAM, value.numel(), value.device)
+    noise = (u * 65536.0).to(torch.int32)
+    bits = value.contiguous().view(torch.int32).reshape(-1)
+    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits cleared: exact in bf16
+    truncated = (bits & -65536).view(torch.float32)
+    flat = value.reshape(-1)
+    result = torch.where(torch.isinf(rounded) & torch.isfinite(flat), truncated, rounded)
+    return torch.where(torch.isnan(flat), flat, result).to(torch.bfloat16).view(value.shape)
 
 
 def _sqrt32(x: Tensor) -> Tensor:
@@ -195,7 +201,9 @@ def quantize_m(m: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     inv = _levels_over(M_LEVELS, amax)
     y = m * _per_element(inv, n)
     q = torch.floor(y + dither(seed, STREAM_M, n, m.device)).clamp_(-M_LEVELS, M_LEVELS)
-    codes.copy_(q)
+    # a NaN m (its block's scale is then NaN too): code 0, as the kernels store it (a
+    # float -> int8 cast of NaN is undefined)
+    codes.copy_(torch.where(torch.isnan(q), 0.0, q))
 
 
 def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
@@ -217,4 +225,4 @@ def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     up = dither(seed, STREAM_V, n, v.device) * (v_hi - v_lo) < v - v_lo
     q = lo + up.to(torch.float32)
     q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
-    codes.copy_(q)
+    codes.copy_(torch.where(torch.isnan(q), 0.0, q))  # NaN (a NaN or inf v): code 0

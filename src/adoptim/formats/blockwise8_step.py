@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim._utils import view_as_real_if_complex
 from adoptim.distributed import sharded as _sharded
 from adoptim.formats import blockwise8 as _quant
+from adoptim.formats.blockwise8 import stochastic_round_bf16
 
 __all__ = ["adopt_8bit", "run_dequantized", "stochastic_round_bf16"]
 
@@ -42,19 +44,6 @@ def _real_flat(t: Tensor) -> Tensor:
     """The tensor's real coordinates as one flat tensor (a view when it can be one)."""
     (real,) = view_as_real_if_complex(t)
     return real.reshape(-1)
-
-
-def stochastic_round_bf16(value: Tensor, seed: int) -> Tensor:
-    """float32 -> bfloat16, rounding up with probability equal to the discarded fraction, with
-    the 16 random bits taken from the format's dither (stream 2), as the kernel does."""
-    u = _quant.dither(seed, _quant.STREAM_PARAM, value.numel(), value.device)
-    noise = (u * 65536.0).to(torch.int32)
-    bits = value.contiguous().view(torch.int32)
-    rounded = ((bits + noise) & -65536).view(torch.float32)
-    truncated = (bits & -65536).view(torch.float32)
-    # next to the largest finite bf16 a round-up could reach inf: truncate those instead
-    result = torch.where(torch.isinf(rounded) & torch.isfinite(value), truncated, rounded)
-    return torch.where(torch.isnan(value), value, result).to(torch.bfloat16)
 
 
 def _chunks(params: list[Tensor], index: list[int], budget: int) -> list[list[int]]:
@@ -146,6 +135,8 @@ def adopt_8bit(
     strict: bool,
     grad_scale: Tensor | None,
     stochastic_rounding: bool,
+    seed: int = 0,
+    keys: list[int] | None = None,
     **kwargs: Any,
 ) -> None:
     """One step for the tensors ``index`` of these lists, whose moments are 8-bit.
@@ -169,11 +160,11 @@ def adopt_8bit(
             m_codes[i], m_scales[i], v_codes[i], v_scales[i] = state
     lists = (params, grads, m_codes, m_scales, v_codes, v_scales, state_steps)
     if path == "fused":
-        from adoptim.kernels.cpu import launch8 as _lowbit_kernel
+        from adoptim.kernels.cpu import launch as _cpu_kernel
 
-        index = _lowbit_kernel.fused_adopt_8bit(
+        index = _cpu_kernel.fused_adopt_8bit(
             index, *lists, strict=strict, grad_scale=grad_scale,
-            stochastic_rounding=stochastic_rounding, **kwargs,
+            stochastic_rounding=stochastic_rounding, seed=seed, keys=keys, **kwargs,
         )  # fmt: skip
         if not index:
             return
@@ -182,15 +173,16 @@ def adopt_8bit(
 
         index = _triton_lowbit.triton_adopt_8bit(
             index, *lists, strict=strict, grad_scale=grad_scale,
-            stochastic_rounding=stochastic_rounding, **kwargs,
+            stochastic_rounding=stochastic_rounding, seed=seed, keys=keys, **kwargs,
         )  # fmt: skip
         if not index:
             return
         # what it leaves (caution, layouts it cannot walk): the default unfused path there
         path = "foreach" if all(params[i].device.type == "cuda" for i in index) else "forloop"
     seeds = [0] * len(params)
-    for i in index:  # from the call count before the step (the kernel computes the same)
-        seeds[i] = _quant.state_seed(float(state_steps[i]), m_codes[i].numel())
+    for i in index:  # from the call count before the step (the kernels compute the same)
+        key = i if keys is None else keys[i]
+        seeds[i] = _quant.state_seed(float(state_steps[i]), _rng.tensor_seed(seed, key))
     func = _foreach.multi_tensor_adopt if path == "foreach" else _forloop.single_tensor_adopt
     run_dequantized(
         func, index, *lists, seeds,

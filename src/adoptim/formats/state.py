@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim.distributed import sharded as _sharded
 from adoptim.formats import blockwise8 as _quant
 
@@ -171,8 +172,10 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
     """Bring every parameter's moments to the format its group asks for: float moments
     (a float32-state checkpoint, ``from_adam``) are quantized for 8-bit tensors, 8-bit ones
     (an 8-bit checkpoint) are dequantized for float-state tensors."""
+    key = -1  # each parameter's index in the state_dict numbering (adoptim.rng)
     for group in optimizer.param_groups:
         for p in group["params"]:
+            key += 1
             state = optimizer.state.get(p)
             if not state or "exp_avg" not in state:
                 continue
@@ -199,7 +202,7 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
                     p, None, tuple(state[k] for k in _8BIT_KEYS)
                 )
                 step = float(state.get("step", 0.0))
-                seed = _quant.state_seed(step, m_codes.numel())  # the local size, as a step
+                seed = _quant.state_seed(step, _rng.tensor_seed(group.get("seed", 0), key))
                 _quant.quantize_m(m, seed, m_codes, m_scale)
                 _quant.quantize_v(v, seed, v_codes, v_scale)
             elif have and not want:
@@ -272,6 +275,8 @@ def run_unfused(
     *,
     grad_scale: Tensor | None = None,
     stochastic_rounding: bool = False,
+    seed: int = 0,
+    keys: list[int] | None = None,
     **kwargs: Any,
 ) -> None:
     """Run the for-loop or foreach path ``func`` with the kernel's extras.
@@ -302,31 +307,32 @@ def run_unfused(
         work_grads[i] = grads[i].to(torch.float32)
     for i in narrow:
         work_m[i], work_v[i] = exp_avgs[i].float(), exp_avg_sqs[i].float()
+    seeds = {}  # stochastic rounding's seeds, from the call counts before the step
+    if stochastic_rounding:
+        for i in widen:
+            if params[i].dtype == torch.bfloat16:
+                key = i if keys is None else keys[i]
+                seeds[i] = _rng.step_seed(_rng.tensor_seed(seed, key), float(state_steps[i]))
     func(work_params, work_grads, work_m, work_v, state_steps, **kwargs)
     for i in widen:
-        write_back(params[i], work_params[i], stochastic_rounding)
+        write_back(params[i], work_params[i], stochastic_rounding, seeds.get(i, 0))
     for i in narrow:
         exp_avgs[i].copy_(work_m[i])
         exp_avg_sqs[i].copy_(work_v[i])
 
 
-def write_back(param: Tensor, value: Tensor, stochastic: bool) -> None:
+def write_back(param: Tensor, value: Tensor, stochastic: bool, seed: int = 0) -> None:
     """Store the float32 ``value`` into the low-precision ``param``.
 
     Round to nearest even, or for bfloat16 with ``stochastic``, round up with probability
     equal to the discarded fraction, so that E[param] = value and updates far below half an
-    ulp still move the parameter on average.
+    ulp still move the parameter on average; the random bits are the counter-based ones of
+    :mod:`adoptim.rng` for this step's ``seed`` (no generator is drawn from).
     """
     if not (stochastic and param.dtype == torch.bfloat16 and value.dtype == torch.float32):
         param.copy_(value)
         return
-    bits = value.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
-    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits cleared: exact in bf16
-    truncated = (bits & -65536).view(torch.float32)
-    # Values next to the largest finite bf16 could round up to inf: truncate those instead.
-    result = torch.where(torch.isinf(rounded) & torch.isfinite(value), truncated, rounded)
-    param.copy_(torch.where(torch.isnan(value), value, result))
+    param.copy_(_quant.stochastic_round_bf16(value, seed))
 
 
 def step_device(param: Tensor, group: dict[str, Any]) -> torch.device:
