@@ -30,7 +30,7 @@ def _sqrt(x: Tensor) -> Tensor:
 def _scalars(step: float, *, lr, beta2, weight_decay, decouple, clip_exp, clip_fn):
     first = step == 0
     if clip_exp is not None:
-        bound = 0.0 if first else float(step) ** clip_exp
+        bound = 0.0 if first else math.pow(float(step), clip_exp)
     elif clip_fn is not None:
         bound = 0.0 if first else float(clip_fn(float(step)))
     else:
@@ -92,3 +92,25 @@ def spec_step(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps, clip_exp=0
         mr.copy_(m_new)
         vr.copy_(v_new)
         s += 1
+
+
+def spec_step_8bit(params, grads, m_codes, m_scales, v_codes, v_scales, steps, *,
+                   stochastic=False, seed=0, keys=None, **kwargs):  # fmt: skip
+    """One step with 8-bit moments (blockwise8's format): dequantize, :func:`spec_step` on
+    float32 copies, requantize with the step's seed, store the parameter (rounded to nearest,
+    or stochastically for bfloat16 with the same seed's parameter stream)."""
+    for i, p in enumerate(params):
+        real = torch.view_as_real(p) if p.is_complex() else p
+        g = torch.view_as_real(grads[i]) if grads[i].is_complex() else grads[i]
+        key = i if keys is None else keys[i]
+        step_seed = rng.step_seed(rng.tensor_seed(seed, key), float(steps[i]))
+        wp = real.reshape(-1).float()
+        wg = g.reshape(-1).float()
+        wm = blockwise8.dequantize_m(m_codes[i], m_scales[i])
+        wv = blockwise8.dequantize_v(v_codes[i], v_scales[i])
+        spec_step([wp], [wg], [wm], [wv], [steps[i]], **kwargs)
+        blockwise8.quantize_m(wm, step_seed, m_codes[i], m_scales[i])
+        blockwise8.quantize_v(wv, step_seed, v_codes[i], v_scales[i])
+        if stochastic and real.dtype == torch.bfloat16:
+            wp = blockwise8.stochastic_round_bf16(wp, step_seed)
+        real.copy_(wp.view(real.shape))

@@ -172,10 +172,10 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
     """Bring every parameter's moments to the format its group asks for: float moments
     (a float32-state checkpoint, ``from_adam``) are quantized for 8-bit tensors, 8-bit ones
     (an 8-bit checkpoint) are dequantized for float-state tensors."""
-    key = -1  # each parameter's index in the state_dict numbering (adoptim.rng)
+    pid = -1  # each parameter's index in the state_dict numbering: its key in adoptim.rng
     for group in optimizer.param_groups:
         for p in group["params"]:
-            key += 1
+            pid += 1
             state = optimizer.state.get(p)
             if not state or "exp_avg" not in state:
                 continue
@@ -202,7 +202,7 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
                     p, None, tuple(state[k] for k in _8BIT_KEYS)
                 )
                 step = float(state.get("step", 0.0))
-                seed = _quant.state_seed(step, _rng.tensor_seed(group.get("seed", 0), key))
+                seed = _quant.state_seed(step, _rng.tensor_seed(group.get("seed", 0), pid))
                 _quant.quantize_m(m, seed, m_codes, m_scale)
                 _quant.quantize_v(v, seed, v_codes, v_scale)
             elif have and not want:
