@@ -58,6 +58,10 @@ def test_docs_build_strict(tmp_path):
     for role in (":class:", ":meth:", ":func:"):
         assert role not in api
     assert (site / "index.html").is_file()
+    # a list right after a paragraph line (GitHub's Markdown) is a list on the site too, not
+    # "text - item - item" in one paragraph (scripts/mkdocs_hooks.py)
+    part1 = (site / "results" / "part1.html").read_text()
+    assert "<li>AMSGrad converges for k = 10" in part1
     # the results pages' plots are copied with the site
     assert (site / "results" / "transfer" / "resnet" / "resnet_lr.png").is_file()
 
