@@ -9,7 +9,8 @@ some cells:
 * **stage 1**, the lr sweep: every lr in the task's grid x {Adam(W), ADOPT(W)} x seeds, no warmup;
 * **stage 2**, derived from stage 1's *pilot seed* (the first seed of the sweep) once it has
   finished for the task: each optimizer's two best lrs again with a linear warmup over the
-  first 5 % of steps; ADOPT(W) at its best lr with beta2 0.999 (0.9999 is stage 1's default);
+  first 5 % of steps (at least MIN_WARMUP_STEPS = 3: ADOPT's first step does not move the
+  parameters, so a shorter warmup would leave its runs unchanged); ADOPT(W) at its best lr with beta2 0.999 (0.9999 is stage 1's default);
   and 8-bit ADOPT(W) at its best lr, only if ``ADOPT(..., state_dtype="8bit")`` constructs on
   this install (checked at run time; otherwise the report says it was not run, and why).
   Every stage-2 cell runs for every seed. Choosing on the pilot seed fixes stage 2 as soon as
