@@ -18,6 +18,7 @@ from torch import Tensor
 
 from adoptim import rng
 from adoptim.formats import blockwise8
+from adoptim.formats.params import stochastic_round_bf16
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -86,7 +87,7 @@ def spec_step(params, grads, ms, vs, steps, *, lr, beta1, beta2, eps, clip_exp=0
         if stochastic and pr.dtype == torch.bfloat16:
             key = i if keys is None else keys[i]
             step_seed = rng.step_seed(rng.tensor_seed(seed, key), count)
-            pr.copy_(blockwise8.stochastic_round_bf16(theta, step_seed))
+            pr.copy_(stochastic_round_bf16(theta, step_seed))
         else:
             pr.copy_(theta)
         mr.copy_(m_new)
@@ -112,5 +113,5 @@ def spec_step_8bit(params, grads, m_codes, m_scales, v_codes, v_scales, steps, *
         blockwise8.quantize_m(wm, step_seed, m_codes[i], m_scales[i])
         blockwise8.quantize_v(wv, step_seed, v_codes[i], v_scales[i])
         if stochastic and real.dtype == torch.bfloat16:
-            wp = blockwise8.stochastic_round_bf16(wp, step_seed)
+            wp = stochastic_round_bf16(wp, step_seed)
         real.copy_(wp.view(real.shape))

@@ -42,14 +42,25 @@ one hash per block instead of one per element. The fused kernel
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from adoptim import rng as _rng
+from adoptim.distributed import sharded as _sharded
 
 __all__ = [
     "BLOCK",
+    "KEYS",
+    "QUANTIZABLE",
+    "applies",
+    "check_state",
+    "from_float",
+    "load",
+    "new_state",
+    "store",
+    "to_float",
     "DEFAULT_MIN_8BIT_SIZE",
     "M_LEVELS",
     "V_LEVELS",
@@ -61,7 +72,6 @@ __all__ = [
     "quantize_m",
     "quantize_v",
     "state_seed",
-    "stochastic_round_bf16",
     "weyl",
 ]
 
@@ -131,22 +141,6 @@ def dither(
     u = block_offsets(seed, stream, blocks, device)[:, None] + weyl(device)[None, :]
     u = torch.where(u >= 1.0, u - 1.0, u)  # frac: both terms are in [0, 1)
     return u.reshape(-1)[:numel]
-
-
-def stochastic_round_bf16(value: Tensor, seed: int) -> Tensor:
-    """float32 -> bfloat16, rounding up with probability equal to the discarded fraction: 16
-    random bits per element from the dither of stream :data:`STREAM_PARAM` for this step's
-    ``seed`` (:mod:`adoptim.rng`), as every path and kernel does, for float and 8-bit state
-    alike. NaN stays NaN; a value next to the largest finite bfloat16 that would round up to
-    inf is truncated instead."""
-    u = dither(seed, STREAM_PARAM, value.numel(), value.device)
-    noise = (u * 65536.0).to(torch.int32)
-    bits = value.contiguous().view(torch.int32).reshape(-1)
-    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits cleared: exact in bf16
-    truncated = (bits & -65536).view(torch.float32)
-    flat = value.reshape(-1)
-    result = torch.where(torch.isinf(rounded) & torch.isfinite(flat), truncated, rounded)
-    return torch.where(torch.isnan(flat), flat, result).to(torch.bfloat16).view(value.shape)
 
 
 def _sqrt32(x: Tensor) -> Tensor:
@@ -226,3 +220,112 @@ def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     q = lo + up.to(torch.float32)
     q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
     codes.copy_(torch.where(torch.isnan(q), 0.0, q))  # NaN (a NaN or inf v): code 0
+
+
+# ---------------------------------------------------------------------------------------
+# The format as the optimizer sees it: which tensors it takes, their state entries, and the
+# load/store around the update. State entries of an 8-bit tensor, all plain tensors (DTensors
+# holding the local shard's codes and scales under FSDP2, layout in adoptim.distributed.sharded):
+# ``exp_avg`` (int8 codes of m, flat), ``exp_avg_scale`` (float32, one per block),
+# ``exp_avg_sq`` (uint8 codes of v, flat), ``exp_avg_sq_scale``.
+
+#: the state entries besides ``step``, in the update paths' order
+KEYS = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
+#: parameter dtypes whose moments ``state_dtype="8bit"`` quantizes
+QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+
+
+def _real_numel(param: Tensor) -> int:
+    return param.numel() * (2 if param.is_complex() else 1)
+
+
+def applies(param: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param``'s moments are kept in 8 bits under its group's options: tensors of a
+    quantizable dtype with at least ``min_8bit_size`` real elements."""
+    return (
+        group.get("state_dtype") == "8bit"
+        and param.dtype in QUANTIZABLE
+        and _real_numel(param) >= group.get("min_8bit_size", DEFAULT_MIN_8BIT_SIZE)
+    )
+
+
+def new_state(param: Tensor) -> dict[str, Tensor]:
+    """Zero codes and scales for ``param`` (of its local shard for a DTensor)."""
+    if _sharded.is_dtensor(param):
+        return _sharded.new_sharded_state(param, BLOCK)
+    n = _real_numel(param)
+    blocks = num_blocks(n)
+    device = param.device
+    return {
+        "exp_avg": torch.zeros(n, dtype=torch.int8, device=device),
+        "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+        "exp_avg_sq": torch.zeros(n, dtype=torch.uint8, device=device),
+        "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+    }
+
+
+def local_state(param: Tensor, codes_and_scales: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The flat (m codes, m scales, v codes, v scales) the update reads and writes: the
+    tensors themselves, or a DTensor's local shard's (sharing the storage)."""
+    if any(_sharded.is_dtensor(t) for t in codes_and_scales):
+        return _sharded.local_views(param, None, codes_and_scales, BLOCK)[2]
+    return codes_and_scales
+
+
+def load(m_codes: Tensor, m_scale: Tensor, v_codes: Tensor, v_scale: Tensor):
+    """(m, v) as new flat float32 tensors (local, plain tensors)."""
+    return dequantize_m(m_codes, m_scale), dequantize_v(v_codes, v_scale)
+
+
+def store(m: Tensor, v: Tensor, seed: int, m_codes, m_scale, v_codes, v_scale) -> None:
+    """Requantize the updated flat float32 ``m`` and ``v`` with the step's ``seed``."""
+    quantize_m(m, seed, m_codes, m_scale)
+    quantize_v(v, seed, v_codes, v_scale)
+
+
+def _shape_like(flat: Tensor, param: Tensor) -> Tensor:
+    if param.is_complex():
+        return torch.view_as_complex(flat.view(*param.shape, 2))
+    return flat.view(param.shape)
+
+
+def to_float(state: dict[str, Any], param: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, v) as new float32 tensors shaped like ``param`` (complex64 for complex; sharded
+    like it for a DTensor)."""
+    local = local_state(param, tuple(state[k] for k in KEYS))
+    m, v = load(*local)
+    if _sharded.is_dtensor(param):
+        return _sharded.shaped_like(m, param), _sharded.shaped_like(v, param)
+    return _shape_like(m, param), _shape_like(v, param)
+
+
+def check_state(param: Tensor, state: dict[str, Any]) -> None:
+    """Refuse codes and scales that do not fit ``param`` (another model, another sharding)."""
+    if _sharded.is_dtensor(param):
+        _sharded.check_sharded_state(param, state, BLOCK)
+        return
+    n = _real_numel(param)
+    for key in ("exp_avg", "exp_avg_sq"):
+        if state[key].numel() != n or state[key].dtype not in (torch.int8, torch.uint8):
+            raise ValueError(
+                f"8-bit state {key!r} has {state[key].numel()} {state[key].dtype} "
+                f"codes but its parameter has {n} elements"
+            )
+
+
+def from_float(param: Tensor, m: Tensor, v: Tensor, step: float,
+               tensor_seed: int) -> dict[str, Tensor]:  # fmt: skip
+    """New 8-bit state holding the float moments ``m``, ``v`` (shaped like ``param``, or its
+    local shard for a DTensor), quantized with the seed of call count ``step``."""
+    state = new_state(param)
+    local = local_state(param, tuple(state[k] for k in KEYS))
+    flat_m, flat_v = (_real_flat_f32(t) for t in (m, v))
+    seed = state_seed(step, tensor_seed)  # as the step from this count would
+    store(flat_m, flat_v, seed, *local)
+    return state
+
+
+def _real_flat_f32(t: Tensor) -> Tensor:
+    local = t.to_local() if _sharded.is_dtensor(t) else t
+    real = torch.view_as_real(local) if local.is_complex() else local
+    return real.reshape(-1).to(torch.float32, copy=True)
