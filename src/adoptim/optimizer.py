@@ -169,6 +169,16 @@ class ADOPT(Optimizer):
             index; :mod:`adoptim.rng`): every path computes the same bits, a run resumed from
             a checkpoint replays them, and torch's global generator is never drawn from.
 
+    Every path (for-loop, foreach, the C++ and Triton kernels) computes the same bits: each
+    operation of the update is rounded once (no fused multiply-add, correctly rounded sqrt),
+    and the random numbers are counter-based (``seed``). A NaN or inf gradient without a
+    GradScaler (which skips such a step) is not filtered: a NaN reaches its element's
+    ``theta``, ``m`` and ``v``; an inf makes its ``v`` inf and its normalised gradient inf
+    (clipped to the bound when clipping is on). With 8-bit state a NaN or inf in a block's new
+    ``m`` or ``v`` makes that block's scale NaN or inf (a NaN code is stored as 0), so the
+    whole block's moments read back as NaN or inf from the next step on; the same on every
+    path.
+
     Example::
 
         >>> import torch

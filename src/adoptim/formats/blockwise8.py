@@ -36,7 +36,7 @@ block takes one offset ``u0`` from a hash of (seed, block, stream), and element 
 block uses ``u = frac(u0 + frac(j * phi))`` (a Weyl sequence, phi the golden ratio's
 fractional part): uniform for every element over seeds, so each rounding is unbiased, with
 one hash per block instead of one per element. The fused kernel
-(``csrc/fused_adopt_8bit.cpp``) performs exactly these float32 operations.
+(``kernels/cpu/csrc/fused_adopt.cpp``) performs exactly these float32 operations.
 """
 
 from __future__ import annotations

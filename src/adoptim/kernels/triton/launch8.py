@@ -7,10 +7,10 @@ one program per tile of ``CONFIG.rows`` blocks of 256 elements (the format's blo
 tensor, found through a table of pointers, sizes and work items cached per layout (as for
 the float kernel). The kernel runs the float32 update of the for-loop path on each block and
 requantizes it with the format's random numbers (:mod:`adoptim.formats.blockwise8`), as the C++ 8-bit
-kernel does (``csrc/fused_adopt_8bit.cpp``).
+kernel does (``csrc/fused_adopt.cpp``).
 
 The per-tensor scalars (clip bound, weight of g*g, decoupled decay) and each tensor's
-rounding seed (:func:`adoptim.formats.blockwise8.state_seed`, from its call count and size) are computed
+rounding seed (:func:`adoptim.formats.blockwise8.state_seed`, from the seed, its key and its call count) are computed
 on the host, as on the other 8-bit paths: 8-bit state keeps its step counts on the host
 (``capturable=True`` is refused), so this costs no device read; they are copied to the device
 with the step (one small pinned copy per group), and the counts are advanced on the host.
