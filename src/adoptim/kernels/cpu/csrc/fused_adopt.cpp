@@ -251,18 +251,17 @@ struct FloatTensor {
 
 // The update pass on elements [lo, hi) of one tensor. With caution (kCaution), u is masked
 // where its sign disagrees with g and divided by the tensor's kept fraction `kept`.
+// (The arrays are restrict-qualified parameters and the scalars are passed by value, so that
+// the compiler knows no store can change a scalar and vectorises the loop.)
 template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov,
           bool kCaution, bool kStochastic>
-void float_update(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const Hyper<C>& h,
-                  C kept) {
-  P* __restrict p = t.p;
-  const P* __restrict g = t.g;
-  S* __restrict m = t.m;
-  S* __restrict v = t.v;
+void float_update(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
+                  int64_t lo, int64_t hi, const Hyper<C> h, const TensorScalars<C> sc, C kept,
+                  uint32_t seed, int64_t offset) {
   for (int64_t i = lo; i < hi; ++i) {
     const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
         static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
-        static_cast<C>(v[i]), h, t.sc);
+        static_cast<C>(v[i]), h, sc);
     C u = e.u;
     if constexpr (kCaution) {
       const C mask = e.u * e.g > C(0) ? C(1) : C(0);
@@ -273,8 +272,8 @@ void float_update(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const H
     const C theta = e.theta - h.lr * u;
     float up = 0.0f;
     if constexpr (kStochastic) {
-      const uint64_t j = static_cast<uint64_t>(t.offset + i);
-      up = frac_sum(block_offset(t.seed, static_cast<uint32_t>(j >> 8), kStreamParam),
+      const uint64_t j = static_cast<uint64_t>(offset + i);
+      up = frac_sum(block_offset(seed, static_cast<uint32_t>(j >> 8), kStreamParam),
                     kWeyl.w[j & 255]);
     }
     p[i] = round_param<P, C>(theta, kStochastic, up);
@@ -283,16 +282,14 @@ void float_update(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const H
 
 // Caution's counting pass: how many of the elements have u * g > 0 (nothing is written).
 template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov>
-int64_t float_count(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const Hyper<C>& h) {
-  const P* __restrict p = t.p;
-  const P* __restrict g = t.g;
-  const S* __restrict m = t.m;
-  const S* __restrict v = t.v;
+int64_t float_count(const P* __restrict p, const P* __restrict g, const S* __restrict m,
+                    const S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
+                    const TensorScalars<C> sc) {
   int64_t kept = 0;
   for (int64_t i = lo; i < hi; ++i) {
     const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
         static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
-        static_cast<C>(v[i]), h, t.sc);
+        static_cast<C>(v[i]), h, sc);
     kept += e.u * e.g > C(0) ? 1 : 0;
   }
   return kept;
@@ -352,7 +349,9 @@ struct FloatBatch {
         n.store(0, std::memory_order_relaxed);
       }
       for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
-        counts[k].fetch_add(float_count<P, S, C, kCoupled, kDivide, kNesterov>(ts[k], lo, hi, h),
+        const FloatTensor<P, S, C>& t = ts[k];
+        counts[k].fetch_add(float_count<P, S, C, kCoupled, kDivide, kNesterov>(
+                                t.p, t.g, t.m, t.v, lo, hi, h, t.sc),
                             std::memory_order_relaxed);
       });
       for (int64_t k = 0; k < count; ++k) {
@@ -362,8 +361,9 @@ struct FloatBatch {
       }
     }
     for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
-      float_update<P, S, C, kCoupled, kDivide, kNesterov, kCaution, kStochastic>(ts[k], lo, hi,
-                                                                               h, kept[k]);
+      const FloatTensor<P, S, C>& t = ts[k];
+      float_update<P, S, C, kCoupled, kDivide, kNesterov, kCaution, kStochastic>(
+          t.p, t.g, t.m, t.v, lo, hi, h, t.sc, kept[k], t.seed, t.offset);
     });
   }
 };
@@ -467,7 +467,8 @@ inline Pass2 pass2_of(const Tensor8& t, int64_t b, const Pass1& a) {
 
 // len elements of pass 1 of block a (kP1) and/or pass 2 of block c (kP2).
 template <typename P, bool kCoupled, bool kDivide, bool kNesterov, bool kP1, bool kP2>
-void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& h) {
+void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper) {
+  const Hyper<float> h = hyper;  // a local copy: no store through the arrays can change it
   P* __restrict p = static_cast<P*>(a.p);
   const P* __restrict g = static_cast<const P*>(a.g);
   const int8_t* __restrict qm_in = a.qm;
