@@ -3,4 +3,6 @@
 from adoptim.optimizer import ADOPT, ADOPTW, PowerClip, adopt
 
 __all__ = ["ADOPT", "ADOPTW", "PowerClip", "adopt"]
-__version__ = "0.1.0"
+# The single source of the version: pyproject.toml reads this line (without importing the
+# package), so the wheel's metadata, `adoptim --version` and this attribute always agree.
+__version__ = "0.2.0"
