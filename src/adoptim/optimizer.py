@@ -351,17 +351,28 @@ class ADOPT(Optimizer):
         r"""Warm-start ADOPT from a ``torch.optim.Adam``/``AdamW`` optimizer (to continue from
         an Adam checkpoint, load it into the Adam optimizer first).
 
-        The new optimizer holds the same parameters and param groups (``lr``, ``betas``,
+        The new optimizer holds the same parameters and param groups (``lr``,
         ``weight_decay``, ``maximize``; AdamW, or Adam with ``decoupled_weight_decay``, gives
-        decoupled decay), with ``overrides`` applied to every group (e.g. ``lr=...``). Adam's
-        ``eps`` is *added* to ``sqrt(v)``, ADOPT's is a floor, so ``eps`` is not carried over:
-        ADOPT's default (or ``eps=`` in overrides) is used.
+        decoupled decay), with ``overrides`` applied to every group (e.g. ``lr=...``).
+
+        Not carried over, as when switching by hand (the README's advice: keep the learning
+        rate, drop Adam's ``betas`` and ``eps``):
+
+        * ``betas``: ADOPT's defaults, ``(0.9, 0.9999)``, are used, not Adam's (typically
+          ``(0.9, 0.999)``); pass ``betas=`` to choose. In lr sweeps on six tasks, ADOPT at
+          ``beta2 = 0.999`` was worse than at 0.9999 on three and better on none
+          (docs/switching-from-adam.md). Adam's ``v`` still carries over: it was averaged with
+          Adam's ``beta2`` and is bias-corrected with it (below), which makes it an estimate
+          of the recent ``g*g``, a better start than the single ``g_1^2`` a fresh ADOPT
+          averages from; ADOPT's longer average continues from there.
+        * ``eps``: Adam's is *added* to ``sqrt(v)``, ADOPT's is a floor on it, so ADOPT's
+          default (or ``eps=`` in overrides) is used.
 
         State, per parameter with Adam state after ``t`` Adam steps:
 
         * ``step = t``: ADOPT has seen ``t`` gradients, so the next call is an update, with
           clip bound ``c_t``.
-        * ``exp_avg_sq = v_adam / (1 - beta2^t)``: Adam's ``exp_avg_sq`` is the same EMA of
+        * ``exp_avg_sq = v_adam / (1 - beta2_adam^t)``: Adam's ``exp_avg_sq`` is the same EMA of
           ``g*g`` that ADOPT keeps, except that it starts from 0 and is bias-corrected only
           when used; ADOPT's starts from ``g_1^2`` and is never corrected. The corrected value
           is ADOPT's ``v`` over the same gradients (exactly so for ``t = 1``), which ADOPT
