@@ -390,12 +390,14 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
         scales: tuple[list, list] | None = None,
+        candidates: Iterable[Tensor] | None = None,
     ) -> bool:
         """Collect the tensors that have a gradient on this call, creating state on first
         sight; return whether any of them is complex. ``scales`` collects the block scales
-        of 8-bit moments (None for the others)."""
+        of 8-bit moments (None for the others). ``candidates``: only these parameters of the
+        group (default: all of them)."""
         has_complex = False
-        for p in group["params"]:
+        for p in group["params"] if candidates is None else candidates:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -436,48 +438,97 @@ class ADOPT(Optimizer):
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             for group in self.param_groups:
-                params: list[Tensor] = []
-                grads: list[Tensor] = []
-                exp_avgs: list[Tensor] = []
-                exp_avg_sqs: list[Tensor] = []
-                state_steps: list[Tensor] = []
-                scales: tuple[list, list] = ([], [])
-                has_complex = self._init_group(
-                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales
-                )
-                if not params:
-                    continue
-                beta1, beta2 = group["betas"]
-                adopt(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    state_steps,
-                    foreach=group["foreach"],
-                    fused=group["fused"],
-                    # Set by torch.amp.GradScaler for fused=True (_step_supports_amp_scaling).
-                    grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None),
-                    stochastic_rounding=group["stochastic_rounding"],
-                    capturable=group["capturable"],
-                    differentiable=group["differentiable"],
-                    has_complex=has_complex,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    clip_exp=group["clip_exp"],
-                    clip_fn=self.clip_lambda,
-                    weight_decay=group["weight_decay"],
-                    decouple=group["decouple"],
-                    maximize=group["maximize"],
-                    nesterov=group["nesterov"],
-                    caution=group["caution"],
-                    exp_avg_scales=scales[0],
-                    exp_avg_sq_scales=scales[1],
-                )
+                self._step_group(group)
         return loss
+
+    # --- Stepping some of the parameters: step() and step_params() share _step_group -------
+    # (gradient release, adoptim.release, steps each parameter as soon as its gradient is
+    # final; the per-group body is written once so that both compute the same bits.)
+
+    def _step_group(
+        self, group: dict[str, Any], candidates: Iterable[Tensor] | None = None
+    ) -> None:
+        """The body of :meth:`step` for one param group: step those of ``candidates``
+        (default: all of the group's parameters) that have a gradient."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        scales: tuple[list, list] = ([], [])
+        has_complex = self._init_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, candidates
+        )
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adopt(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            # Set by torch.amp.GradScaler for fused=True (_step_supports_amp_scaling).
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            stochastic_rounding=group["stochastic_rounding"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            has_complex=has_complex,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            clip_exp=group["clip_exp"],
+            clip_fn=self.clip_lambda,
+            weight_decay=group["weight_decay"],
+            decouple=group["decouple"],
+            maximize=group["maximize"],
+            nesterov=group["nesterov"],
+            caution=group["caution"],
+            exp_avg_scales=scales[0],
+            exp_avg_sq_scales=scales[1],
+        )
+
+    def step_params(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params`` (each must be in one of this optimizer's param groups), with
+        the same state creation and the same functional call as :meth:`step`, at a cost
+        proportional to ``len(params)``, not to the number of parameters. Parameters without
+        a gradient are skipped, as in :meth:`step`. Step hooks
+        (``register_step_pre_hook``/``register_step_post_hook``) do not run: this is one
+        piece of a step, used by :func:`adoptim.enable_gradient_release`.
+        """
+        index = self._group_index()
+        by_group: dict[int, list[Tensor]] = {}
+        for p in params:
+            gi = index.get(p)
+            if gi is None:  # a group added or replaced since the index was built
+                index = self._group_index(rebuild=True)
+                gi = index.get(p)
+                if gi is None:
+                    raise ValueError(
+                        f"step_params: a parameter of shape {tuple(p.shape)} is in none of "
+                        "this optimizer's param groups"
+                    )
+            by_group.setdefault(gi, []).append(p)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for gi, group_params in by_group.items():
+                self._step_group(self.param_groups[gi], group_params)
+
+    def _group_index(self, rebuild: bool = False) -> dict[Tensor, int]:
+        """Parameter -> index of its param group, cached; rebuilt when the group list was
+        replaced (load_state_dict) or grew (add_param_group), or on request."""
+        cached = self.__dict__.get("_group_index_cache")
+        groups = self.param_groups
+        if rebuild or cached is None or cached[0] is not groups or cached[1] != len(groups):
+            index = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
+            cached = (groups, len(groups), index)
+            self.__dict__["_group_index_cache"] = cached
+        return cached[2]
+
+    # --- end of the subset stepping ---------------------------------------------------------
 
     def moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """``(m, v)`` of parameter ``p`` as new float32 tensors shaped like it (complex64 for
