@@ -19,13 +19,11 @@ import gc
 import os
 import sys
 
+import dist_worker  # beside this file: the script's directory is on sys.path
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dist_worker  # noqa: E402
-
-import adoptim  # noqa: E402
-from adoptim import ADOPT  # noqa: E402
+import adoptim
+from adoptim import ADOPT
 
 #: run name -> (optimizer class, kwargs, 8-bit model?)
 RUNS = {

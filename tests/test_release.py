@@ -73,7 +73,9 @@ class Net(nn.Module):
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)) for _ in range(STEPS)
+    ]
 
 
 DATA = _data()
@@ -405,9 +407,8 @@ def _has_fully_shard() -> bool:
 
 @pytest.mark.skipif(not _has_fully_shard(), reason="needs gloo and FSDP2's fully_shard")
 def test_ddp_refused_and_fsdp2_release_equals_normal_fsdp2(tmp_path, kernel):
-    from test_distributed import _free_port
-
     import dist_worker
+    from test_distributed import _free_port
 
     worker = Path(__file__).with_name("release_worker.py")
     cmd = [
