@@ -440,3 +440,17 @@ def test_ddp_refused_and_fsdp2_release_equals_normal_fsdp2(tmp_path, kernel):
     got = torch.load(tmp_path / "release-fsdp2-for-loop.pt", weights_only=True)
     for g, e in zip(got, dist_worker.reference_params("for-loop"), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_spike_experiment_runs_and_shows_the_bound(monkeypatch):
+    """adoptim.experiments.release_spike (the table in docs/memory.md), small: ADOPT under
+    release moves no element by more than lr * c_t on the spike step; without its clip
+    it jumps."""
+    from adoptim.experiments import release_spike
+
+    monkeypatch.setattr(release_spike, "DIM", 64)
+    monkeypatch.setattr(release_spike, "AFTER", 5)
+    rows = {r["optimizer"]: r for r in release_spike.measure(16)}
+    assert set(rows) == set(release_spike.KINDS)
+    assert rows["ADOPT (release)"]["spike step"] <= 2.0 * (1 + 1e-5)  # c_16 = 2
+    assert rows["ADOPT, no clip"]["spike step"] > 1e3
