@@ -215,7 +215,9 @@ def test_remove_restores_normal_stepping():
     opt.zero_grad()
     assert model.inp.weight.grad is None
     assert torch.equal(model.inp.weight, before)  # first call only stores v, as ADOPT does
-    adoptim.enable_gradient_release(model, opt).remove()  # enabling again works
+    with adoptim.enable_gradient_release(model, opt) as handle:  # enabling again works
+        assert handle.active and opt.__dict__.get("zero_grad") is not None
+    assert not handle.active and "zero_grad" not in opt.__dict__
 
 
 def test_parameters_without_hook_are_stepped_by_step():

@@ -185,6 +185,9 @@ def enable_gradient_release(
         >>> all(p.grad is None for p in model.parameters())
         True
         >>> handle.remove()  # back to normal stepping
+        >>> with adoptim.enable_gradient_release(model, opt):  # or for a block
+        ...     model(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     opt.step()
     """
     step_params = getattr(opt, "step_params", None)
     if not callable(step_params):
