@@ -154,7 +154,7 @@ def enable_gradient_release(
       ``opt.step()``/``opt.zero_grad()`` between them): the first would already have
       stepped;
     * ``torch.amp.GradScaler``: the hooks would step with scaled gradients (use bf16);
-    * :class:`~torch.nn.parallel.DistributedDataParallel`, and plain (non-DTensor)
+    * ``torch.nn.parallel.DistributedDataParallel``, and plain (non-DTensor)
       parameters in a multi-process group: DDP averages gradients after they are
       accumulated, so a hook would step on this rank's gradient alone, and DDP keeps every
       gradient in its buckets anyway (nothing to save). FSDP2 (``fully_shard``) works: each
