@@ -294,3 +294,376 @@ def test_stochastic_24_bit_rounding_is_unbiased_and_on_the_grid(dtype):
     mean_err = (total / draws - v.double()).abs()
     bias_near = (near - v.double()).abs()
     assert mean_err.mean() < 0.2 * bias_near.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# In the optimizer: every unfused path and state format against the float64 reference
+
+import io  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import HealthCheck  # noqa: E402
+from reference import ReferenceADOPT, as_real  # noqa: E402
+from test_reference_match import build_groups, config  # noqa: E402
+
+from adoptim import ADOPT, ADOPTW  # noqa: E402
+
+MASTER_PATHS = {
+    "for-loop": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "for-loop 8bit": dict(foreach=False, state_dtype="8bit", min_8bit_size=0),
+    "foreach 8bit": dict(foreach=True, state_dtype="8bit", min_8bit_size=0),
+    "default": dict(),
+}
+STEP_SETTINGS = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.mark.parametrize("bits", [24, 32])
+@pytest.mark.parametrize("path", list(MASTER_PATHS))
+@STEP_SETTINGS
+@given(cfg=config)
+def test_each_step_matches_float64_reference_on_the_master_weight(path, bits, cfg):
+    """Before each step the library's master weight (join, in float64) and moments seed a
+    float64 reference step; after it the new master weight must match it to float32
+    rounding (32 bits) or to one 24-bit step (24, stochastic), and the parameter must be the
+    nearest bf16 of the master weight (split of it gives it back). Complex tensors in the
+    same groups (complex64: no correction) step as before."""
+    group_cfgs, plans, tensor_lr, seed = cfg
+    gen = torch.Generator().manual_seed(seed)
+    params = [
+        torch.randn(
+            p.shape, generator=gen, dtype=torch.complex64 if p.is_complex else torch.float32
+        )
+        for p in plans
+    ]
+    params = [p if p.is_complex() else p.to(torch.bfloat16) for p in params]
+    groups, hypers, clip_fn = build_groups(group_cfgs, plans, params, tensor_lr)
+    opt = ADOPT(
+        groups,
+        clip_lambda=clip_fn if clip_fn is not None else 0.25,
+        master_weight_bits=bits,
+        **MASTER_PATHS[path],
+    )
+    for call in range(12):
+        grads = []
+        for p, plan in zip(params, plans):
+            has = call >= plan.first_call and torch.rand((), generator=gen).item() >= plan.drop_prob
+            g = plan.grad_scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            grads.append(g if has else None)
+            p.grad = g.clone() if has else None
+        refs = []
+        for p, h, g in zip(params, hypers, grads):
+            if g is None:
+                refs.append(None)
+                continue
+            st = opt.state.get(p, {})
+            start = M.stored_value(p, st.get(M.STATE_KEY)) if not p.is_complex() else p.detach()
+            ref = ReferenceADOPT([start], [h])
+            if "step" in st:
+                m, v = opt.moments(p)
+                ref.state[0].s = int(st["step"].item())
+                ref.state[0].m = as_real(m).double()
+                ref.state[0].v = as_real(v).double()
+            refs.append(ref)
+        opt.step()
+        for p, g, ref in zip(params, grads, refs):
+            if ref is None:
+                continue
+            ref.step([g])
+            want = ref.theta[0]
+            scale = max(want.abs().max().item(), 1.0)
+            if p.is_complex():
+                got = as_real(p.detach()).double()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale)
+                continue
+            corr = opt.state[p][M.STATE_KEY]
+            assert corr.dtype == M.correction_dtype(bits) and corr.shape == p.shape
+            got = M.join(p.detach(), corr).double()
+            tol = 1e-5 * want.abs() + 2e-6 * scale
+            if bits == 24:  # stochastic on a grid of 2**-15 relative (16-bit significand)
+                tol = tol + want.abs() * 2.0**-15
+            assert ((got - want).abs() <= tol).all(), (got - want).abs().max()
+            p_again, c_again = M.split(got.float(), torch.bfloat16, bits)
+            assert torch.equal(p_again.view(torch.int16), p.detach().view(torch.int16))
+            assert torch.equal(c_again, corr)
+
+
+def _pair(seed=0, n=(64, 300)):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in ((n[0], n[1]), (n[1],), (5,))]
+
+
+def _grads(shapes, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes] for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("path", list(MASTER_PATHS))
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"nesterov": True, "caution": True}, {"weight_decay": 0.1, "maximize": True}],
+    ids=["adoptw", "nesterov+caution", "coupled-decay+maximize"],
+)
+def test_32_bits_reproduce_a_float32_run_bit_for_bit(path, kw):
+    """bf16 parameters with 32-bit master weights take exactly the float32-parameter run's
+    steps (same bf16 gradients): the exported float32 weights equal its parameters bit for
+    bit, and the bf16 parameters are those rounded to nearest (ties away from zero)."""
+    init = [x.to(torch.bfloat16) for x in _pair()]
+    cls = ADOPTW if not kw else ADOPT
+    f32 = [torch.nn.Parameter(x.float()) for x in init]
+    b16 = [torch.nn.Parameter(x.clone()) for x in init]
+    o32 = cls(f32, lr=3e-3, fused=False, **MASTER_PATHS[path], **kw)
+    o16 = cls(b16, lr=3e-3, master_weight_bits=32, **MASTER_PATHS[path], **kw)
+    for grads in _grads([x.shape for x in init], 25):
+        for a, b, g in zip(f32, b16, grads):
+            a.grad, b.grad = g.float(), g.clone()
+        o32.step()
+        o16.step()
+    model = torch.nn.Module()
+    model.w = torch.nn.ParameterList(b16)
+    sd = o16.get_fp32_model_state_dict(model)
+    for i, (a, b) in enumerate(zip(f32, b16)):
+        assert torch.equal(sd[f"w.{i}"].view(torch.int32), a.detach().view(torch.int32))
+        p_rta, _ = M.split(a.detach(), torch.bfloat16, 32)
+        assert torch.equal(b.detach().view(torch.int16), p_rta.view(torch.int16))
+        ties = (a.detach().view(torch.int32) & 0xFFFF) == 0x8000
+        differ = b.detach().view(torch.int16) != a.detach().to(torch.bfloat16).view(torch.int16)
+        assert not (differ & ~ties).any()
+
+
+def test_24_bits_follow_float32_where_plain_bf16_drifts():
+    init = [x.to(torch.bfloat16) for x in _pair(n=(32, 128))]
+    runs = {}
+    for name, kw in {
+        "f32": dict(),
+        "plain": dict(),
+        "sr": dict(stochastic_rounding=True),
+        "24": dict(master_weight_bits=24),
+    }.items():
+        ps = [torch.nn.Parameter(x.float() if name == "f32" else x.clone()) for x in init]
+        opt = ADOPT(ps, lr=1e-4, foreach=False, fused=False, **kw)
+        for grads in _grads([x.shape for x in init], 300):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(p.dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", M.UpdateStallWarning)
+                opt.step()
+        runs[name] = [M.stored_value(p, opt.state[p].get(M.STATE_KEY)) for p in ps]
+    err = {
+        k: max((a - b).abs().max().item() for a, b in zip(v, runs["f32"])) for k, v in runs.items()
+    }
+    assert err["24"] < 0.1 * err["plain"], err
+    assert err["24"] < err["sr"], err
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints, export and import
+
+
+def _train(ps, opt, grads):
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.to(p.dtype)
+        opt.step()
+
+
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("state", ["auto", "8bit"])
+@pytest.mark.parametrize("bits", [24, 32])
+def test_resume_bit_for_bit(bits, state):
+    init = [x.to(torch.bfloat16) for x in _pair()]
+    shapes = [x.shape for x in init]
+    grads = _grads(shapes, 20)
+    kw = dict(lr=1e-3, master_weight_bits=bits, state_dtype=state, min_8bit_size=0)
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = ADOPTW(a, **kw)
+    _train(a, opt_a, grads[:10])
+    ckpt = _save_load({"params": [p.detach() for p in a], "opt": opt_a.state_dict()})
+    assert ckpt["opt"]["state"][0][M.STATE_KEY].dtype == M.correction_dtype(bits)
+    b = [torch.nn.Parameter(x.clone()) for x in ckpt["params"]]
+    opt_b = ADOPTW(b, **kw)
+    opt_b.load_state_dict(ckpt["opt"])
+    _train(a, opt_a, grads[10:])
+    _train(b, opt_b, grads[10:])
+    for x, y in zip(a, b):
+        assert torch.equal(x.detach().view(torch.int16), y.detach().view(torch.int16))
+        sa, sb = opt_a.state[x], opt_b.state[y]
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, key
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def test_checkpoint_without_correction_loads_with_zero_correction():
+    init = [x.to(torch.bfloat16) for x in _pair()]
+    grads = _grads([x.shape for x in init], 6)
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = ADOPT(a, lr=1e-3)
+    _train(a, opt_a, grads[:3])
+    sd = _save_load(opt_a.state_dict())
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = ADOPT(b, lr=1e-3, master_weight_bits=24)
+    opt_b.load_state_dict(sd)
+    assert M.STATE_KEY not in opt_b.state[b[0]]
+    assert torch.equal(opt_b.get_fp32_model_state_dict(_module(b))["w.0"], b[0].detach().float())
+    _train(b, opt_b, grads[3:])
+    assert opt_b.state[b[0]][M.STATE_KEY].dtype == torch.int8
+    assert opt_b.param_groups[0]["master_weight_bits"] == 24
+
+
+def test_checkpoint_with_correction_into_an_optimizer_without_drops_it_with_a_warning():
+    init = [x.to(torch.bfloat16) for x in _pair()]
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = ADOPT(a, lr=1e-3, master_weight_bits=24)
+    _train(a, opt_a, _grads([x.shape for x in init], 3))
+    sd = _save_load(opt_a.state_dict())
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = ADOPT(b, lr=1e-3)
+    with pytest.warns(UserWarning, match="master-weight corrections for 3 parameter"):
+        opt_b.load_state_dict(sd)
+    assert all(M.STATE_KEY not in opt_b.state[p] for p in b)
+    assert torch.equal(b[0].detach(), a[0].detach())  # the model is unchanged
+    assert opt_b.param_groups[0]["master_weight_bits"] is None
+
+
+def test_checkpoint_24_loads_into_32_and_back():
+    init = [x.to(torch.bfloat16) for x in _pair()]
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = ADOPT(a, lr=1e-3, master_weight_bits=24)
+    _train(a, opt_a, _grads([x.shape for x in init], 3))
+    masters = opt_a.get_fp32_model_state_dict(_module(a))
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = ADOPT(b, lr=1e-3, master_weight_bits=32)
+    opt_b.load_state_dict(_save_load(opt_a.state_dict()))
+    assert opt_b.state[b[0]][M.STATE_KEY].dtype == torch.int16
+    for k, v in opt_b.get_fp32_model_state_dict(_module(b)).items():
+        assert torch.equal(v, masters[k])  # 24-bit masters are exact in 32 bits
+
+
+def _module(ps):
+    model = torch.nn.Module()
+    model.w = torch.nn.ParameterList(ps)
+    return model
+
+
+@pytest.mark.parametrize("bits", [24, 32])
+def test_fp32_export_import_round_trip(bits):
+    gen = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.BatchNorm1d(30))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["0.weight"] = torch.randn(30, 40, generator=gen) * 0.1
+    model.to(torch.bfloat16)
+    model[1].float()  # a float32 norm layer in a bf16 model: no correction for it
+    opt = ADOPT(model.parameters(), lr=1e-3, master_weight_bits=bits)
+    opt.set_fp32_model_state_dict(model, weights)
+    out = opt.get_fp32_model_state_dict(model)
+    assert set(out) == set(weights)
+    assert out["1.num_batches_tracked"].dtype == torch.int64
+    w, back = weights["0.weight"], out["0.weight"]
+    assert back.dtype == torch.float32
+    if bits == 32:
+        assert torch.equal(back.view(torch.int32), w.view(torch.int32))
+    else:
+        assert ((back - w).abs() <= w.abs() * 2.0**-16).all()
+        assert not torch.equal(back, w.to(torch.bfloat16).float())  # more than bf16 kept
+    assert torch.equal(model[0].weight.detach(), M.split(w, torch.bfloat16, bits)[0])
+    assert torch.equal(out["1.weight"], weights["1.weight"])
+    # set before the first step: the step still creates the rest of the state
+    x = torch.randn(8, 40, generator=gen).to(torch.bfloat16)
+    model(x).float().pow(2).mean().backward()
+    opt.step()
+    assert {"step", "exp_avg", "exp_avg_sq", M.STATE_KEY} <= set(opt.state[model[0].weight])
+    with pytest.raises(KeyError, match="missing keys"):
+        opt.set_fp32_model_state_dict(model, {"0.weight": w})
+
+
+# --------------------------------------------------------------------------------------------
+# Options, numerics check, bytes
+
+
+def test_options_are_validated_naming_the_argument():
+    p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="master_weight_bits"):
+        ADOPT([p], master_weight_bits=16)
+    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits"):
+        ADOPT([p], master_weight_bits=24, fused=True)
+    with pytest.raises(ValueError, match="stochastic_rounding=True cannot be used"):
+        ADOPTW([p], master_weight_bits=24, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="capturable=True"):
+        ADOPT([p], master_weight_bits=32, capturable=True)
+    # float32 parameters ignore it (a mixed model: norms kept in float32)
+    q = torch.nn.Parameter(torch.randn(10))
+    opt = ADOPT([p, q], master_weight_bits=24)
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    assert M.STATE_KEY in opt.state[p] and M.STATE_KEY not in opt.state[q]
+
+
+def test_numerics_check_warns_once_naming_the_stalled_tensors():
+    gen = torch.Generator().manual_seed(0)
+    big = torch.nn.Parameter(1 + torch.rand(64, 64, generator=gen).to(torch.bfloat16))
+    ok = torch.nn.Parameter(torch.rand(64, generator=gen))  # float32: not checked
+    opt = ADOPT([{"params": [ok]}, {"params": [big]}], lr=1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2 * M.CHECK_EVERY + 1):
+            big.grad = torch.randn(big.shape, generator=gen).to(torch.bfloat16)
+            ok.grad = torch.randn(ok.shape, generator=gen)
+            opt.step()
+    stalls = [w for w in caught if issubclass(w.category, M.UpdateStallWarning)]
+    assert len(stalls) == 1
+    msg = str(stalls[0].message)
+    assert "param_groups[1]['params'][0]" in msg and "(64, 64)" in msg and "bfloat16" in msg
+    # the same lr with 24-bit master weights moves the stored value: no warning
+    big2 = torch.nn.Parameter(big.detach().clone())
+    opt2 = ADOPT([big2], lr=1e-5, master_weight_bits=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", M.UpdateStallWarning)
+        for _ in range(M.CHECK_EVERY + 1):
+            big2.grad = torch.randn(big.shape, generator=gen).to(torch.bfloat16)
+            opt2.step()
+
+
+def test_numerics_check_names_tiny_lr_for_24_bits_and_skips_lr_zero():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(1 + torch.rand(4096, generator=gen).to(torch.bfloat16))
+    opt = ADOPT([w], lr=1e-9, master_weight_bits=24)
+    with pytest.warns(M.UpdateStallWarning, match="24-bit master weights"):
+        for _ in range(M.CHECK_EVERY + 1):
+            w.grad = torch.randn(w.shape, generator=gen).to(torch.bfloat16)
+            opt.step()
+    opt0 = ADOPT([torch.nn.Parameter(w.detach().clone())], lr=0.0)
+    p0 = opt0.param_groups[0]["params"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", M.UpdateStallWarning)
+        for _ in range(M.CHECK_EVERY + 1):
+            p0.grad = torch.randn(w.shape, generator=gen).to(torch.bfloat16)
+            opt0.step()
+
+
+def test_persistent_bytes_per_parameter_with_24_bits_and_8bit_state():
+    n = 1 << 16
+    p = torch.nn.Parameter(torch.randn(256, n // 256).to(torch.bfloat16))
+    opt = ADOPT([p], master_weight_bits=24, state_dtype="8bit")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[p]
+    extra = {k: t.numel() * t.element_size() for k, t in state.items() if k != "step"}
+    assert extra[M.STATE_KEY] == n  # one byte per element
+    per_param = (p.numel() * p.element_size() + sum(extra.values())) / n
+    assert per_param == 2 + 1 + 2 + 2 * 4 / 256  # bf16 + correction + 8-bit m, v + scales
+    assert per_param <= 5.1

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from adoptim._utils import as_scalar, is_compiling
 from adoptim.formats import blockwise8_step as _lowbit
+from adoptim.formats import master as _master
 from adoptim.formats.state import run_unfused
 from adoptim.kernels.cpu import launch as _cpu_kernel
 from adoptim.kernels.triton import launch as _triton_kernel
@@ -71,6 +72,7 @@ def adopt(
     stochastic_rounding: bool = False,
     exp_avg_scales: list[Tensor | None] | None = None,
     exp_avg_sq_scales: list[Tensor | None] | None = None,
+    master_corrections: list[Tensor | None] | None = None,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
     in place. See :class:`ADOPT` for the algorithm and the arguments.
@@ -82,7 +84,29 @@ def adopt(
     Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
     moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim.formats.blockwise8_step`) and
     take the same path as the others.
+    Tensors with a correction in ``master_corrections`` (``master_weight_bits``) are stepped
+    on their float32 master weights by :func:`adoptim.formats.master.step_corrected`, which
+    calls this function back on the unfused paths.
     """
+    if master_corrections is not None and any(c is not None for c in master_corrections):
+        if found_inf is not None and found_inf.item() != 0:
+            return  # a GradScaler found inf/NaN: nothing changes
+        rest = _master.step_corrected(
+            adopt, params, grads, exp_avgs, exp_avg_sqs, state_steps, master_corrections,
+            exp_avg_scales, exp_avg_sq_scales, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            clip_exp=clip_exp, clip_fn=clip_fn, weight_decay=weight_decay, decouple=decouple,
+            maximize=maximize, nesterov=nesterov, caution=caution, grad_scale=grad_scale,
+        )  # fmt: skip
+        if not rest:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = (
+            [seq[i] for i in rest] for seq in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        )
+        if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+            exp_avg_scales = [exp_avg_scales[i] for i in rest]
+            exp_avg_sq_scales = [exp_avg_sq_scales[i] for i in rest]
+        found_inf = None  # read above
     # The Triton kernels (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton): the float one
     # reads found_inf on the device; the other paths, and every 8-bit path (whose step
     # counts are on the host), read it here.

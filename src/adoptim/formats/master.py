@@ -316,3 +316,335 @@ def stall_fraction(before: Tensor, after: Tensor, grad: Tensor) -> float:
         return 0.0
     stuck = int((moving & (before == after)).sum())
     return stuck / n
+
+
+# --------------------------------------------------------------------------------------------
+# The step: the update runs on float32 master weights, split stores them back
+
+#: at most this many elements of master weights are widened at once on the foreach path
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(params: list[Tensor], index: list[int], budget: int) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    size = 0
+    for i in index:
+        n = params[i].numel()
+        if chunks and size + n <= budget:
+            chunks[-1].append(i)
+            size += n
+        else:
+            chunks.append([i])
+            size = n
+    return chunks
+
+
+def step_corrected(
+    adopt: Any,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    corrections: list[Tensor | None],
+    exp_avg_scales: list[Tensor | None] | None,
+    exp_avg_sq_scales: list[Tensor | None] | None,
+    *,
+    foreach: bool | None,
+    **options: Any,
+) -> list[int]:
+    """Step the tensors that have a correction; return the indices of the others.
+
+    For each of them the master weight ``join(param, correction)`` is widened to float32 and
+    handed, in place of the parameter, to ``adopt`` (the functional dispatch, on the unfused
+    paths: ``fused=False``), with whatever state format the tensor has (float32 moments, or
+    8-bit codes and scales, which that dispatch dequantizes and requantizes as for any
+    float32 parameter); the result is split back into the parameter and the correction.
+    One tensor at a time on the for-loop path, chunks of at most 4M elements on foreach, so
+    the float32 copies never hold the whole model. The fused kernels do not take the
+    correction yet (the optimizer refuses ``fused=True`` with ``master_weight_bits``).
+    """
+    index = [i for i, c in enumerate(corrections) if c is not None]
+    use_foreach = foreach
+    if use_foreach is None:  # the dispatch's default: multi-tensor on CUDA
+        use_foreach = all(params[i].device.type == "cuda" for i in index)
+    budget = _CHUNK_ELEMENTS if use_foreach else 0
+    for chunk in _chunks(params, index, budget):
+        # the rounding of the 24-bit master is drawn from the count before the step
+        dithers = [step_dither(params[i], corrections[i], float(state_steps[i])) for i in chunk]
+        work = [join(params[i], corrections[i]) for i in chunk]
+        sub = {
+            "exp_avg_scales": exp_avg_scales,
+            "exp_avg_sq_scales": exp_avg_sq_scales,
+        }
+        sub = {k: None if v is None else [v[i] for i in chunk] for k, v in sub.items()}
+        adopt(
+            work,
+            [grads[i].to(torch.float32) for i in chunk],
+            [exp_avgs[i] for i in chunk],
+            [exp_avg_sqs[i] for i in chunk],
+            [state_steps[i] for i in chunk],
+            foreach=use_foreach,
+            fused=False,
+            found_inf=None,
+            stochastic_rounding=False,
+            has_complex=False,
+            **sub,
+            **options,
+        )
+        for k, i in enumerate(chunk):
+            split_into(params[i], corrections[i], work[k], dithers[k])
+    return [i for i, c in enumerate(corrections) if c is None]
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer's side: options, loading, full-precision export and import
+
+
+def check_groups(param_groups: list[dict[str, Any]], *, fused: bool | None) -> None:
+    """Refuse, at construction, what ``master_weight_bits`` does not support."""
+    for group in param_groups:
+        bits = group.get("master_weight_bits")
+        if bits is None:
+            continue
+        if fused or group.get("fused"):
+            raise ValueError(
+                "fused=True cannot be used with master_weight_bits: the fused C++ and Triton "
+                "kernels do not take the master-weight correction yet; leave fused unset "
+                "(tensors with a correction then run the for-loop path, foreach on CUDA)"
+            )
+        if group.get("stochastic_rounding"):
+            raise ValueError(
+                "stochastic_rounding=True cannot be used with master_weight_bits: the "
+                "parameter is always the nearest bf16/fp16 of its master weight, which 24 bits "
+                "already round stochastically and 32 bits hold exactly; drop "
+                "stochastic_rounding (or use master_weight_bits=None to round the parameter "
+                "itself stochastically)"
+            )
+        for flag in ("capturable", "differentiable"):
+            if group.get(flag):
+                raise ValueError(
+                    f"master_weight_bits cannot be used with {flag}=True: the master weight "
+                    "is split into parameter and correction with integer arithmetic and "
+                    "rounded with the step count read on the host, which neither a CUDA "
+                    "graph nor autograd can follow; use master_weight_bits=None"
+                )
+        for p in group["params"]:
+            if p.dtype in CORRECTABLE and type(p) not in (Tensor, torch.nn.Parameter):
+                raise ValueError(
+                    f"master_weight_bits takes plain tensors, and a parameter is a "
+                    f"{type(p).__name__} (DTensor/FSDP2 is not supported yet); use "
+                    "master_weight_bits=None for it"
+                )
+
+
+def restore_after_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """After ``Optimizer.load_state_dict`` (which casts every state tensor of a bf16 parameter
+    to bf16): take each correction again from the saved tensors, exactly, and bring it to the
+    format this optimizer's groups ask for:
+
+    * saved and wanted with the same width: as saved (a resumed run continues bit for bit);
+    * saved 24 and wanted 32, or the reverse: re-split the joined master weight (32 -> 24
+      rounds to nearest even);
+    * none saved (a checkpoint without correction): zero, i.e. the master weight is the
+      parameter; it is created at the parameter's next step;
+    * saved but not wanted (``master_weight_bits=None``, or a float32 parameter): dropped,
+      with a warning. The parameter is already the nearest bf16 of the saved master weight,
+      so the model is unchanged; what is lost is the precision below it.
+    """
+    import warnings
+
+    saved = state_dict.get("state", {})
+    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    dropped = 0
+    for (p, group), pid in zip(params, saved_ids):
+        state = optimizer.state.get(p)
+        if not state or STATE_KEY not in state:
+            continue
+        value = saved.get(pid, {}).get(STATE_KEY)
+        if not isinstance(value, Tensor) or value.dtype not in (torch.int8, torch.int16):
+            raise ValueError(
+                f"loaded state dict has a {STATE_KEY!r} that is not an int8/int16 tensor "
+                f"({type(value).__name__})"
+            )
+        if value.shape != p.shape:
+            raise ValueError(
+                f"loaded state dict's {STATE_KEY!r} has shape {tuple(value.shape)} but its "
+                f"parameter has shape {tuple(p.shape)} (a state dict from another model?)"
+            )
+        if not has_correction(p, group):
+            del state[STATE_KEY]
+            dropped += 1
+            continue
+        value = value.to(device=p.device, copy=True)
+        want = correction_dtype(group["master_weight_bits"])
+        if value.dtype != want:
+            with torch.no_grad():
+                master = join(p.detach(), value)
+                p_new, value = split(master, p.dtype, group["master_weight_bits"])
+                p.copy_(p_new)
+        state[STATE_KEY] = value
+    if dropped:
+        warnings.warn(
+            f"load_state_dict: the checkpoint holds master-weight corrections for {dropped} "
+            "parameter(s) and this optimizer keeps none (master_weight_bits=None, or not a "
+            "bf16/fp16 parameter): they are dropped. The parameters keep their values, each "
+            "the nearest bf16/fp16 of its master weight; the precision below that is lost. "
+            "Build the optimizer with the checkpoint's master_weight_bits to keep it.",
+            stacklevel=3,
+        )
+
+
+def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def fp32_model_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """``model.state_dict()`` with float32 tensors: each parameter with a correction as its
+    master weight, every other floating-point entry (parameters and buffers) as a float32
+    copy; other entries (integer buffers) as they are."""
+    out = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, Tensor):
+            out[key] = value
+            continue
+        state = optimizer.state.get(value, {}) if isinstance(value, torch.nn.Parameter) else {}
+        corr = state.get(STATE_KEY)
+        if corr is not None:
+            out[key] = join(value.detach(), corr)
+        elif value.is_floating_point():
+            out[key] = value.detach().to(torch.float32, copy=True)
+        else:
+            out[key] = value.detach().clone()
+    return out
+
+
+def load_fp32_model_state_dict(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, sd: dict, *, strict: bool = True
+) -> None:
+    """Load float32 weights ``sd`` into ``model`` (whatever its dtypes): each parameter that
+    takes a correction gets the nearest bf16/fp16 of the master weight, and the correction
+    the rest (32 bits: exactly the float32 value; 24: rounded to nearest even); every other
+    entry is copied with a cast. ``strict``: missing or unexpected keys raise a KeyError."""
+    groups = _param_groups_by_param(optimizer)
+    own = model.state_dict(keep_vars=True)
+    if strict:
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"set_fp32_model_state_dict: missing keys {missing}, unexpected keys "
+                f"{unexpected} (pass strict=False to load the matching ones)"
+            )
+    with torch.no_grad():
+        for key, target in own.items():
+            if key not in sd or not isinstance(target, Tensor):
+                continue
+            value = sd[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"set_fp32_model_state_dict: {key!r} has shape {tuple(value.shape)}, the "
+                    f"model's has {tuple(target.shape)}"
+                )
+            group = groups.get(id(target))
+            if group is not None and has_correction(target, group):
+                bits = group["master_weight_bits"]
+                p, c = split(
+                    value.to(device=target.device, dtype=torch.float32), target.dtype, bits
+                )
+                target.copy_(p)
+                optimizer.state[target][STATE_KEY] = c
+            else:
+                target.copy_(value)
+                state = (
+                    optimizer.state.get(target) if isinstance(target, torch.nn.Parameter) else None
+                )
+                if state and STATE_KEY in state:  # a stale correction would move it back
+                    state[STATE_KEY].zero_()
+
+
+class NumericsCheck:
+    """The numerics check of one optimizer: on the calls where a bf16/fp16 tensor's count
+    before the call is a positive multiple of :data:`CHECK_EVERY`, compare the first
+    :data:`CHECK_SAMPLE` elements of its stored value (master weight, or the parameter)
+    before and after the step; among those with a nonzero gradient, if more than
+    :data:`STALL_FRACTION` did not change, the learning rate is too small for the weights'
+    precision. Warns once per optimizer, naming every tensor found on that call. Costs
+    nothing on other calls and a copy of at most 4,096 elements per tensor on check calls;
+    skipped for ``lr == 0``, and where a host read is unwelcome (capturable,
+    differentiable, torch.compile)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def before(self, optimizer: torch.optim.Optimizer) -> list | None:
+        if self.warned or torch.compiler.is_compiling():
+            return None
+        picked = []
+        for gi, group in enumerate(optimizer.param_groups):
+            if group.get("capturable") or group.get("differentiable"):
+                continue
+            lr = group["lr"]
+            if (lr.item() if isinstance(lr, Tensor) else lr) == 0:
+                continue
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None or p.dtype not in CORRECTABLE:
+                    continue
+                state = optimizer.state.get(p, {})
+                step = state.get("step")
+                if step is None:
+                    continue
+                t = float(step)
+                if t <= 0 or t % CHECK_EVERY:
+                    continue
+                corr = state.get(STATE_KEY)
+                picked.append((gi, pi, group, p, _sample(p, corr), _sample_grad(p.grad)))
+        return picked or None
+
+    def after(self, optimizer: torch.optim.Optimizer, picked: list | None) -> None:
+        if not picked:
+            return
+        import warnings
+
+        found = []
+        for gi, pi, group, p, before, grad in picked:
+            after = _sample(p, optimizer.state.get(p, {}).get(STATE_KEY))
+            frac = stall_fraction(before, after, grad)
+            if frac > STALL_FRACTION:
+                names = group.get("param_names")
+                name = names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
+                kind = (
+                    f"{group['master_weight_bits']}-bit master weights"
+                    if STATE_KEY in optimizer.state.get(p, {})
+                    else f"plain {str(p.dtype).replace('torch.', '')}"
+                )
+                found.append(f"{name} (shape {tuple(p.shape)}, {kind}: {frac:.0%} unchanged)")
+        if found:
+            self.warned = True
+            warnings.warn(
+                "The learning rate is too small for these weights' precision: most of their "
+                "nonzero updates did not change the stored value in this step (they round to "
+                "nothing, or with stochastic rounding survive only on average, as noise): "
+                + "; ".join(found)
+                + ". Use master_weight_bits=24 or 32 (bf16/fp16 parameters), a larger lr, or "
+                "float32 parameters. (Checked every "
+                f"{CHECK_EVERY} steps on a sample of each bf16/fp16 tensor; warned once.)",
+                UpdateStallWarning,
+                stacklevel=3,
+            )
+
+
+#: elements per tensor the numerics check compares
+CHECK_SAMPLE = 4096
+
+
+def _sample(p: Tensor, corr: Tensor | None) -> Tensor:
+    flat = p.detach().reshape(-1)[:CHECK_SAMPLE]
+    if corr is None:
+        return flat.to(torch.float32, copy=True)
+    return join(flat, corr.reshape(-1)[:CHECK_SAMPLE])
+
+
+def _sample_grad(g: Tensor) -> Tensor:
+    return g.detach().reshape(-1)[:CHECK_SAMPLE].clone()
