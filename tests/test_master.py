@@ -667,3 +667,56 @@ def test_persistent_bytes_per_parameter_with_24_bits_and_8bit_state():
     per_param = (p.numel() * p.element_size() + sum(extra.values())) / n
     assert per_param == 2 + 1 + 2 + 2 * 4 / 256  # bf16 + correction + 8-bit m, v + scales
     assert per_param <= 5.1
+
+
+@pytest.mark.parametrize("bits", [24, 32])
+def test_float16_parameters_follow_a_float32_run(bits):
+    """fp16 master weights: inside fp16's normal range 32 bits hold the float32 run's weights
+    (to float32 rounding where a weight nears fp16's denormals), 24 bits stay within a few
+    2**-18 steps of them; plain fp16 does not."""
+    gen = torch.Generator().manual_seed(6)
+    init = (1 + torch.rand(2048, generator=gen)).to(torch.float16)
+    f32 = torch.nn.Parameter(init.float())
+    h = torch.nn.Parameter(init.clone())
+    plain = torch.nn.Parameter(init.clone())
+    opts = [
+        ADOPT([f32], lr=1e-4, foreach=False, fused=False),
+        ADOPT([h], lr=1e-4, master_weight_bits=bits),
+        ADOPT([plain], lr=1e-4, foreach=False, fused=False),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", M.UpdateStallWarning)
+        for _ in range(60):
+            g = torch.randn(2048, generator=gen).to(torch.float16)
+            for p, opt in zip((f32, h, plain), opts):
+                p.grad = g.to(p.dtype)
+                opt.step()
+    master = M.join(h.detach(), opts[1].state[h][M.STATE_KEY])
+    err = (master - f32.detach()).abs().max().item()
+    err_plain = (plain.detach().float() - f32.detach()).abs().max().item()
+    if bits == 32:
+        assert torch.equal(master, f32.detach())
+    else:
+        assert err < 2e-3 * 2.0**-3, err  # a handful of 2**-18-relative steps near 1..2
+    assert err < 0.1 * err_plain, (err, err_plain)
+    assert torch.equal(h.detach(), M.split(master, torch.float16, bits)[0])
+
+
+def test_found_inf_leaves_parameters_and_corrections_unchanged():
+    from adoptim.functional import adopt
+
+    p = torch.randn(300).to(torch.bfloat16)
+    corr = torch.full((300,), 5, dtype=torch.int8)
+    m, v = torch.zeros(300), torch.ones(300)
+    step = torch.tensor(3.0)
+    before = (p.clone(), corr.clone(), m.clone(), v.clone())
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, clip_exp=0.25, weight_decay=0.0,
+              decouple=False, maximize=False)  # fmt: skip
+    adopt([p], [torch.ones(300).to(torch.bfloat16)], [m], [v], [step],
+          found_inf=torch.tensor(1.0), master_corrections=[corr], **kw)  # fmt: skip
+    for a, b in zip(before, (p, corr, m, v)):
+        assert torch.equal(a, b)
+    assert step.item() == 3.0
+    adopt([p], [torch.ones(300).to(torch.bfloat16)], [m], [v], [step],
+          found_inf=torch.tensor(0.0), master_corrections=[corr], **kw)  # fmt: skip
+    assert step.item() == 4.0 and not torch.equal(corr, before[1])
