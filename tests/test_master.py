@@ -628,7 +628,9 @@ def test_numerics_check_warns_once_naming_the_stalled_tensors():
     assert len(stalls) == 1
     msg = str(stalls[0].message)
     assert "param_groups[1]['params'][0]" in msg and "(64, 64)" in msg and "bfloat16" in msg
-    # the same lr with 24-bit master weights moves the stored value: no warning
+    # the same lr with 24-bit master weights: ~90 % of the elements do not change in a step
+    # (updates are ~1/15 of a 24-bit step), but stochastic rounding keeps them on average:
+    # no warning
     big2 = torch.nn.Parameter(big.detach().clone())
     opt2 = ADOPT([big2], lr=1e-5, master_weight_bits=24)
     with warnings.catch_warnings():

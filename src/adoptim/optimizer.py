@@ -122,7 +122,7 @@ class ADOPT(Optimizer):
             with the same ``clip_lambda`` again, then load. It is called with the step as a
             Python number, or as a tensor under ``torch.compile``/``capturable``/
             ``differentiable``.
-        weight_decay: >= 0 (default 0).
+        weight_decay: the weight-decay coefficient, at least 0 (default 0).
         decouple: False adds ``weight_decay * theta`` to the gradient on every call (L2, so
             it enters v); True multiplies theta by ``1 - lr * weight_decay`` on the calls that
             update it, as AdamW does (see :class:`ADOPTW`).

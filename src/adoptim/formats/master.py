@@ -82,9 +82,11 @@ __all__ = [
     "correction_dtype",
     "has_correction",
     "join",
+    "load",
     "new_correction",
     "split",
     "split_into",
+    "store",
 ]
 
 #: the state entry holding a parameter's correction (shaped like it)
@@ -286,8 +288,15 @@ def split_into(param: Tensor, corr: Tensor, value: Tensor, dither: Tensor | None
 
 #: the check runs on a tensor's calls whose count before the call is a multiple of this
 CHECK_EVERY = 100
-#: warn when more than this fraction of a tensor's moving elements did not change
+#: warn when more than this fraction of a tensor's moving elements did not change: rounded
+#: to nearest, an update under half a step of the stored precision is lost
 STALL_FRACTION = 0.5
+#: the same for stochastic rounding (24-bit master weights, bf16 with stochastic_rounding),
+#: where an update of a fraction f of a step changes the stored value with probability f and
+#: is kept on average: only updates under ~1/1000 of a step are worth a warning (progress
+#: then drowns in rounding noise for thousands of steps, and on 24-bit master weights the
+#: float32 sum itself starts to drop them at 2**-10 of a step)
+STALL_FRACTION_STOCHASTIC = 0.999
 
 
 def step_dither(param: Tensor, corr: Tensor, step: float) -> Tensor | None:
@@ -322,80 +331,19 @@ def stall_fraction(before: Tensor, after: Tensor, grad: Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # The step: the update runs on float32 master weights, split stores them back
 
-#: at most this many elements of master weights are widened at once on the foreach path
-_CHUNK_ELEMENTS = 1 << 22
+
+def load(param: Tensor, corr: Tensor, *, flat: bool = False) -> Tensor:
+    """The float32 master weight of ``param`` as a work tensor for the update paths (a new
+    tensor, flattened with ``flat``: the 8-bit moments are flat), as
+    :func:`adoptim.formats.params.load_param` loads a parameter without correction."""
+    work = join(param.detach(), corr)
+    return work.reshape(-1) if flat else work
 
 
-def _chunks(params: list[Tensor], index: list[int], budget: int) -> list[list[int]]:
-    chunks: list[list[int]] = []
-    size = 0
-    for i in index:
-        n = params[i].numel()
-        if chunks and size + n <= budget:
-            chunks[-1].append(i)
-            size += n
-        else:
-            chunks.append([i])
-            size = n
-    return chunks
-
-
-def step_corrected(
-    adopt: Any,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    corrections: list[Tensor | None],
-    exp_avg_scales: list[Tensor | None] | None,
-    exp_avg_sq_scales: list[Tensor | None] | None,
-    *,
-    foreach: bool | None,
-    **options: Any,
-) -> list[int]:
-    """Step the tensors that have a correction; return the indices of the others.
-
-    For each of them the master weight ``join(param, correction)`` is widened to float32 and
-    handed, in place of the parameter, to ``adopt`` (the functional dispatch, on the unfused
-    paths: ``fused=False``), with whatever state format the tensor has (float32 moments, or
-    8-bit codes and scales, which that dispatch dequantizes and requantizes as for any
-    float32 parameter); the result is split back into the parameter and the correction.
-    One tensor at a time on the for-loop path, chunks of at most 4M elements on foreach, so
-    the float32 copies never hold the whole model. The fused kernels do not take the
-    correction yet (the optimizer refuses ``fused=True`` with ``master_weight_bits``).
-    """
-    index = [i for i, c in enumerate(corrections) if c is not None]
-    use_foreach = foreach
-    if use_foreach is None:  # the dispatch's default: multi-tensor on CUDA
-        use_foreach = all(params[i].device.type == "cuda" for i in index)
-    budget = _CHUNK_ELEMENTS if use_foreach else 0
-    for chunk in _chunks(params, index, budget):
-        # the rounding of the 24-bit master is drawn from the count before the step
-        dithers = [step_dither(params[i], corrections[i], float(state_steps[i])) for i in chunk]
-        work = [join(params[i], corrections[i]) for i in chunk]
-        sub = {
-            "exp_avg_scales": exp_avg_scales,
-            "exp_avg_sq_scales": exp_avg_sq_scales,
-        }
-        sub = {k: None if v is None else [v[i] for i in chunk] for k, v in sub.items()}
-        adopt(
-            work,
-            [grads[i].to(torch.float32) for i in chunk],
-            [exp_avgs[i] for i in chunk],
-            [exp_avg_sqs[i] for i in chunk],
-            [state_steps[i] for i in chunk],
-            foreach=use_foreach,
-            fused=False,
-            found_inf=None,
-            stochastic_rounding=False,
-            has_complex=False,
-            **sub,
-            **options,
-        )
-        for k, i in enumerate(chunk):
-            split_into(params[i], corrections[i], work[k], dithers[k])
-    return [i for i, c in enumerate(corrections) if c is None]
+def store(param: Tensor, corr: Tensor, work: Tensor, step: float) -> None:
+    """Store the updated master weight ``work`` into ``param`` and ``corr``; ``step`` is the
+    tensor's call count before this step, which seeds the 24-bit rounding."""
+    split_into(param, corr, work, step_dither(param, corr, step))
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +518,9 @@ class NumericsCheck:
     before the call is a positive multiple of :data:`CHECK_EVERY`, compare the first
     :data:`CHECK_SAMPLE` elements of its stored value (master weight, or the parameter)
     before and after the step; among those with a nonzero gradient, if more than
-    :data:`STALL_FRACTION` did not change, the learning rate is too small for the weights'
+    :data:`STALL_FRACTION` (rounding to nearest: plain bf16/fp16, 32-bit master weights) or
+    :data:`STALL_FRACTION_STOCHASTIC` (stochastic rounding: 24-bit master weights, bf16 with
+    ``stochastic_rounding``) did not change, the learning rate is too small for the weights'
     precision. Warns once per optimizer, naming every tensor found on that call. Costs
     nothing on other calls and a copy of at most 4,096 elements per tensor on check calls;
     skipped for ``lr == 0``, and where a host read is unwelcome (capturable,
@@ -612,21 +562,27 @@ class NumericsCheck:
         for gi, pi, group, p, before, grad in picked:
             after = _sample(p, optimizer.state.get(p, {}).get(STATE_KEY))
             frac = stall_fraction(before, after, grad)
-            if frac > STALL_FRACTION:
+            corr = optimizer.state.get(p, {}).get(STATE_KEY)
+            stochastic = (corr is not None and corr.dtype == torch.int8) or (
+                corr is None and group.get("stochastic_rounding") and p.dtype == torch.bfloat16
+            )
+            if frac > (STALL_FRACTION_STOCHASTIC if stochastic else STALL_FRACTION):
                 names = group.get("param_names")
                 name = names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
                 kind = (
                     f"{group['master_weight_bits']}-bit master weights"
-                    if STATE_KEY in optimizer.state.get(p, {})
+                    if corr is not None
                     else f"plain {str(p.dtype).replace('torch.', '')}"
+                    + (" with stochastic rounding" if stochastic else "")
                 )
                 found.append(f"{name} (shape {tuple(p.shape)}, {kind}: {frac:.0%} unchanged)")
         if found:
             self.warned = True
             warnings.warn(
-                "The learning rate is too small for these weights' precision: most of their "
-                "nonzero updates did not change the stored value in this step (they round to "
-                "nothing, or with stochastic rounding survive only on average, as noise): "
+                "The learning rate is too small for these weights' precision: their nonzero "
+                "updates did not change the stored value in this step (rounded to nearest: "
+                "most of them round to nothing; stochastically: nearly all, so progress "
+                "drowns in rounding noise): "
                 + "; ".join(found)
                 + ". Use master_weight_bits=24 or 32 (bf16/fp16 parameters), a larger lr, or "
                 "float32 parameters. (Checked every "
