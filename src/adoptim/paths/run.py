@@ -20,7 +20,7 @@ from torch import Tensor
 
 from adoptim._utils import view_as_real_if_complex
 from adoptim.distributed import sharded as _sharded
-from adoptim.formats import blockwise8, floating
+from adoptim.formats import blockwise8, floating, master
 from adoptim.formats.params import load_param, store_param
 
 __all__ = ["FOREACH_CHUNK_ELEMENTS", "run_unfused"]
@@ -53,6 +53,7 @@ def run_unfused(
     state_steps: list[Tensor],
     *,
     scales: list[tuple[Tensor, Tensor] | None] | None = None,
+    corrections: list[Tensor | None] | None = None,
     budget: int = 0,
     stochastic_rounding: bool = False,
     **kwargs: Any,
@@ -61,27 +62,30 @@ def run_unfused(
     or :func:`~adoptim.paths.foreach.multi_tensor_adopt`).
 
     ``scales[i]`` (m scale, v scale) marks tensor ``i`` as 8-bit: ``exp_avgs[i]`` and
-    ``exp_avg_sqs[i]`` hold its codes. ``budget``: elements of work copies per call of
-    ``path`` (0: one tensor with copies per call)."""
+    ``exp_avg_sqs[i]`` hold its codes. ``corrections[i]`` (master-weight correction) makes
+    its parameter a master weight: loaded with :func:`adoptim.formats.master.load`, stored
+    with :func:`adoptim.formats.master.store`. ``budget``: elements of work copies per call
+    of ``path`` (0: one tensor with copies per call)."""
     scales = scales if scales is not None else [None] * len(params)
+    corrections = corrections if corrections is not None else [None] * len(params)
     copied = [
-        s is not None or not (_in_place(p) and floating.load(p, m, v)[2])
-        for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, scales)
+        s is not None or c is not None or not (_in_place(p) and floating.load(p, m, v)[2])
+        for p, m, v, s, c in zip(params, exp_avgs, exp_avg_sqs, scales, corrections)
     ]
     if not any(copied):  # every tensor updated where it lies: nothing to load or store
         path(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
         return
     for chunk in _chunks(params, copied, budget):
         _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
-                   stochastic_rounding=stochastic_rounding, **kwargs)  # fmt: skip
+                   corrections, stochastic_rounding=stochastic_rounding, **kwargs)  # fmt: skip
 
 
 def _in_place(p: Tensor) -> bool:
     return p.dtype not in floating.LOW_PRECISION  # float32/64 and complex: real views
 
 
-def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, *,
-               stochastic_rounding: bool, **kwargs) -> None:  # fmt: skip
+def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
+               corrections, *, stochastic_rounding: bool, **kwargs) -> None:  # fmt: skip
     work_p, work_g, work_m, work_v, stores = [], [], [], [], []
     caution_dtensors = {}  # position in the work lists -> the DTensor parameter
     for i in chunk:
@@ -100,7 +104,10 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
             m, v, m_in_place = floating.load(p, exp_avgs[i], exp_avg_sqs[i])
             moments = ("float", m_in_place)
             numel = p.numel()
-        theta, p_in_place = load_param(p, flat=flat)
+        if corrections[i] is not None:  # the float32 master weight (bf16/fp16 + correction)
+            theta, p_in_place = master.load(p, corrections[i], flat=flat), False
+        else:
+            theta, p_in_place = load_param(p, flat=flat)
         (g_real,) = view_as_real_if_complex(g)
         g_work = g_real.reshape(-1) if flat else g_real
         work_p.append(theta)
@@ -108,8 +115,9 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
         work_m.append(m)
         work_v.append(v)
         # the step's rounding seed, from the call count before the step (the kernels' too)
-        seed = blockwise8.state_seed(float(state_steps[i]), numel)
-        stores.append((i, p, p_in_place, moments, seed))
+        step = float(state_steps[i])
+        seed = blockwise8.state_seed(step, numel)
+        stores.append((i, p, p_in_place, moments, seed, step))
     lists = (work_p, work_g, work_m, work_v)
     if caution_dtensors:  # in place on DTensors over the same storage
         lists = tuple(
@@ -119,11 +127,13 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
         )  # fmt: skip
     kwargs = {**kwargs, "has_complex": False}  # the work tensors are real
     path(*lists, [state_steps[i] for i in chunk], **kwargs)
-    for k, (i, p, p_in_place, (kind, where), seed) in enumerate(stores):
+    for k, (i, p, p_in_place, (kind, where), seed, step) in enumerate(stores):
         if kind == "8bit":
             blockwise8.store(work_m[k], work_v[k], seed, *where)
         elif not where:  # float moments that were copies
             floating.store(exp_avgs[i], exp_avg_sqs[i], work_m[k], work_v[k])
-        if not p_in_place:  # (float moments: noise from torch's generator, as the C++ kernel)
+        if corrections[i] is not None:  # rounded with the count before the step
+            master.store(p, corrections[i], work_p[k], step)
+        elif not p_in_place:  # (float moments: noise from torch's generator, as the C++ kernel)
             seed = seed if kind == "8bit" else None
             store_param(p, work_p[k], stochastic=stochastic_rounding, seed=seed)
