@@ -144,6 +144,13 @@ CASES = {
         torch.bfloat16,
     ),
     "forloop-nesterov-caution": ({**FORLOOP, "nesterov": True, "caution": True}, torch.float32),
+    # bf16 parameters with a 24-bit master-weight correction (the lean configuration)
+    "forloop-bf16-master24": ({**FORLOOP, "master_weight_bits": 24}, torch.bfloat16),
+    "forloop-bf16-master24-8bit": (
+        {**FORLOOP, **_8BIT, "master_weight_bits": 24},
+        torch.bfloat16,
+    ),
+    "default-bf16-master24-8bit": ({**_8BIT, "master_weight_bits": 24}, torch.bfloat16),
     "foreach-f32": ({"foreach": True, "fused": False}, torch.float32),
     "foreach-8bit": ({"foreach": True, "fused": False, **_8BIT}, torch.float32),
     "fused-f32": (FUSED, torch.float32),
