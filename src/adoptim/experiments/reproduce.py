@@ -26,6 +26,7 @@ What is missing, and what happens then (the same for one experiment and for all 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from pathlib import Path
 from adoptim._extras import MissingExtraError, install_command, missing
 from adoptim.experiments import REGISTRY, get_experiment
 from adoptim.experiments.data import DataUnavailableError
-from adoptim.experiments.runner import load_results
+from adoptim.experiments.runner import SMOKE_TEST_LINE, load_results, smoke_test
 
 __all__ = ["PAPER", "PROFILE_TIMES", "add_arguments", "reproduce", "run"]
 
@@ -97,6 +98,8 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
     root = Path(out) / profile
     root.mkdir(parents=True, exist_ok=True)
     lines = [f"# adoptim reproduce --{profile}\n"]
+    if profile == "quick":
+        lines.insert(0, SMOKE_TEST_LINE.format(profile=profile) + "\n")
     skipped: dict[str, str] = {}
     for name in names:
         exp = get_experiment(name)
@@ -115,7 +118,9 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
                 skipped[name] = str(e)
                 print(f"[{name}] SKIPPED, {e}", flush=True)
                 continue
-        path = exp.report(sweep, exp_dir)
+        # a quick report says in its first line that it is a smoke test (runner.smoke_test)
+        with smoke_test(profile) if profile == "quick" else contextlib.nullcontext():
+            path = exp.report(sweep, exp_dir)
         dt = time.time() - t0
         print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
         if publish_to is not None:
