@@ -236,6 +236,7 @@ def _caution_reference(model, opt) -> list[list[torch.Tensor]]:
     the same path (for-loop or foreach) run on DTensors of the dequantized moments (DTensor
     reduces caution's mask mean across ranks), then the moments requantized with the step's
     seed."""
+    from adoptim import rng
     from adoptim.formats import blockwise8 as _quant
     from adoptim.paths import foreach as _foreach
     from adoptim.paths import forloop as _forloop
@@ -243,12 +244,12 @@ def _caution_reference(model, opt) -> list[list[torch.Tensor]]:
     group = opt.param_groups[0]
     update = _foreach.multi_tensor_adopt if group["foreach"] else _forloop.single_tensor_adopt
     out = []
-    for p in model.parameters():
+    for key, p in enumerate(model.parameters()):  # one group: the state_dict index
         m, v = opt.moments(p)
         theta = p.detach().clone()
         step = opt.state[p]["step"].clone() if "step" in opt.state[p] else torch.zeros(())
         local_numel = p.to_local().numel()
-        seed = _quant.state_seed(float(step), local_numel)
+        seed = _quant.state_seed(float(step), rng.tensor_seed(group["seed"], key))
         update(
             [theta], [p.grad.detach().clone()], [m], [v], [step],
             scalars_as_tensors=False, has_complex=False, lr=group["lr"],

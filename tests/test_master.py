@@ -245,7 +245,7 @@ def _accumulate(
         if c is None:
             p = stored.to(torch.bfloat16)
         else:
-            dither = None if nearest else M.step_dither(p, c, float(t))
+            dither = None if nearest else M.step_dither(p, c, t)
             p, c = M.split(stored, torch.bfloat16, bits, dither)
     return M.stored_value(p, c), w32
 

@@ -24,7 +24,6 @@ from adoptim._utils import as_scalar, is_compiling
 from adoptim.distributed import sharded as _sharded
 from adoptim.formats.blockwise8 import BLOCK
 from adoptim.kernels.cpu import launch as _cpu_kernel
-from adoptim.kernels.cpu import launch8 as _cpu_kernel_8bit
 from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.paths import foreach as _foreach
 from adoptim.paths import forloop as _forloop
@@ -76,6 +75,8 @@ def adopt(
     exp_avg_scales: list[Tensor | None] | None = None,
     exp_avg_sq_scales: list[Tensor | None] | None = None,
     master_corrections: list[Tensor | None] | None = None,
+    seed: int = 0,
+    keys: list[int] | None = None,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
     in place. See :class:`ADOPT` for the algorithm and the arguments.
@@ -90,6 +91,9 @@ def adopt(
     Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
     :mod:`adoptim.formats.master`) are stepped on their float32 master weights, on the
     unfused paths only (the kernels do not take the correction yet).
+    ``seed`` and ``keys`` (one per tensor, the same after save/load and on every rank: the
+    optimizer passes each parameter's index in its state_dict numbering; default 0, 1, ...)
+    give the random numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).
     """
     n = len(params)
     scales = [None] * n
@@ -124,9 +128,10 @@ def adopt(
         scalars_as_tensors=as_tensors, has_complex=has_complex, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, clip_exp=clip_exp, clip_fn=clip_fn, weight_decay=weight_decay,
         decouple=decouple, maximize=maximize, nesterov=nesterov, caution=caution,
-        grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+        grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, seed=seed,
     )  # fmt: skip
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    keys = list(range(n)) if keys is None else list(keys)
 
     # 3. The kernel takes what it can and says what it left: tensors it cannot walk, all of
     # them while the C++ kernel is still being built (fused=True: a failed build raises).
@@ -136,10 +141,10 @@ def adopt(
     if (triton or cpu_kernel) and not is_compiling() and len(corrected) < n:
         # tensors with a master-weight correction skip the kernels (which lack it)
         plain = [i for i in range(n) if corrections[i] is None]
-        sub = tuple([seq[i] for i in plain] for seq in lists) if corrected else lists
-        sub_scales = [scales[i] for i in plain] if corrected else scales
-        kernel_left = _run_kernel(triton, sub, sub_scales, found_inf=found_inf,
-                                  strict=fused is True, **kwargs)  # fmt: skip
+        sub = tuple([seq[i] for i in plain] for seq in lists)
+        kernel_left = _run_kernel(triton, sub, [scales[i] for i in plain], found_inf=found_inf,
+                                  strict=fused is True, keys=[keys[i] for i in plain],
+                                  **kwargs)  # fmt: skip
         left = sorted(corrected + [plain[k] for k in kernel_left])
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
@@ -152,12 +157,14 @@ def adopt(
     if len(left) < n:
         lists = tuple([seq[i] for i in left] for seq in lists)
         scales = [scales[i] for i in left]
+        keys = [keys[i] for i in left]
         corrections = [corrections[i] for i in left]
-    run_unfused(path, *lists, scales=scales, corrections=corrections,
+    run_unfused(path, *lists, scales=scales, corrections=corrections, keys=keys,
                 budget=FOREACH_CHUNK_ELEMENTS if foreach else 0, **kwargs)  # fmt: skip
 
 
-def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, **kwargs) -> list[int]:
+def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: list[int],
+                **kwargs) -> list[int]:  # fmt: skip
     """Step what the Triton (``triton``) or C++ kernel takes; return the indices it left."""
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
     float_idx = [i for i, s in enumerate(scales) if s is None]
@@ -165,10 +172,12 @@ def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, **kwarg
     left: list[int] = []
     if float_idx:
         sub = tuple([seq[i] for i in float_idx] for seq in lists)
+        sub_keys = [keys[i] for i in float_idx]
         if triton:
-            rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf, **kwargs)
+            rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf,
+                                               keys=sub_keys, **kwargs)  # fmt: skip
         else:
-            rest = _cpu_kernel.fused_adopt(*sub, strict=strict, **kwargs)
+            rest = _cpu_kernel.fused_adopt(*sub, strict=strict, keys=sub_keys, **kwargs)
         left += [float_idx[k] for k in rest]
     if eight_idx:
         # DTensors (FSDP2): the kernels step each rank's local shard and its local codes
@@ -187,7 +196,7 @@ def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, **kwarg
 
             launch_8bit = launch8.triton_adopt_8bit
         else:
-            launch_8bit = _cpu_kernel_8bit.fused_adopt_8bit
+            launch_8bit = _cpu_kernel.fused_adopt_8bit
         left += launch_8bit(eight_idx, p8, g8, m_codes, m_scales, v_codes, v_scales,
-                            state_steps, strict=strict, **kwargs)  # fmt: skip
+                            state_steps, strict=strict, keys=keys, **kwargs)  # fmt: skip
     return sorted(left)

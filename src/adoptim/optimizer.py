@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adoptim import rng as _rng
 from adoptim.convert import from_adam
 from adoptim.formats import master as _master
 from adoptim.formats import state as _state
@@ -179,6 +180,22 @@ class ADOPT(Optimizer):
             parameters. A numerics check warns once (:class:`~adoptim.formats.master.
             UpdateStallWarning`) when most updates of a bf16/fp16 tensor leave it unchanged.
 
+        seed: the seed of the step's random numbers (stochastic rounding, the 8-bit codes'
+            rounding), an integer in [0, 2**63). They are counter-based (a hash of the seed,
+            the parameter's index in ``state_dict()``, its step count and the element's
+            index; :mod:`adoptim.rng`): every path computes the same bits, a run resumed from
+            a checkpoint replays them, and torch's global generator is never drawn from.
+
+    Every path (for-loop, foreach, the C++ and Triton kernels) computes the same bits: each
+    operation of the update is rounded once (no fused multiply-add, correctly rounded sqrt),
+    and the random numbers are counter-based (``seed``). A NaN or inf gradient without a
+    GradScaler (which skips such a step) is not filtered: a NaN reaches its element's
+    ``theta``, ``m`` and ``v``; an inf makes its ``v`` inf and its normalised gradient inf
+    (clipped to the bound when clipping is on). With 8-bit state a NaN or inf in a block's new
+    ``m`` or ``v`` makes that block's scale NaN or inf (a NaN code is stored as 0), so the
+    whole block's moments read back as NaN or inf from the next step on; the same on every
+    path.
+
     Example::
 
         >>> import torch
@@ -218,6 +235,7 @@ class ADOPT(Optimizer):
         caution: bool = False,
         min_8bit_size: int = 4096,
         master_weight_bits: int | None = None,
+        seed: int = 0,
     ) -> None:
         _check_range("learning rate", lr, 0.0, short="lr")
         _check_range("epsilon value (eps)", eps, 0.0)
@@ -253,6 +271,7 @@ class ADOPT(Optimizer):
             caution=bool(caution),
             min_8bit_size=_state.check_min_8bit_size(min_8bit_size),
             master_weight_bits=_master.check_master_weight_bits(master_weight_bits),
+            seed=_rng.check_seed(seed),
         )
         super().__init__(params, defaults)
         _state.check_8bit_groups(self.param_groups, fused=fused)
@@ -302,6 +321,7 @@ class ADOPT(Optimizer):
             group.setdefault("caution", False)
             group.setdefault("min_8bit_size", 4096)
             group.setdefault("master_weight_bits", None)
+            group.setdefault("seed", 0)
         self.__dict__.setdefault("_numerics", _master.NumericsCheck())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -426,11 +446,14 @@ class ADOPT(Optimizer):
         scales: tuple[list, list] | None = None,
         corrections: list | None = None,
         candidates: Iterable[Tensor] | None = None,
+        keys: list[int] | None = None,
     ) -> bool:
         """Collect the tensors that have a gradient on this call, creating state on first
         sight; return whether any of them is complex. ``scales`` collects the block scales
         of 8-bit moments (None for the others), ``corrections`` the master-weight
-        corrections (None for tensors without). ``candidates``: only these parameters of the
+        corrections (None for tensors without), ``keys`` each tensor's index in the
+        state_dict numbering: the key of its random numbers (:mod:`adoptim.rng`), the same
+        after save/load and on every rank. ``candidates``: only these parameters of the
         group (default: all of them)."""
         has_complex = False
         for p in group["params"] if candidates is None else candidates:
@@ -457,6 +480,8 @@ class ADOPT(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
+            if keys is not None:
+                keys.append(self._place_of(p, caller="step")[1])
             if scales is not None:
                 scales[0].append(state.get("exp_avg_scale"))
                 scales[1].append(state.get("exp_avg_sq_scale"))
@@ -503,9 +528,10 @@ class ADOPT(Optimizer):
         state_steps: list[Tensor] = []
         scales: tuple[list, list] = ([], [])
         corrections: list = []
+        keys: list[int] = []
         has_complex = self._init_group(
             group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, corrections,
-            candidates,
+            candidates, keys,
         )  # fmt: skip
         if not params:
             return
@@ -539,6 +565,8 @@ class ADOPT(Optimizer):
             exp_avg_scales=scales[0],
             exp_avg_sq_scales=scales[1],
             master_corrections=corrections,
+            seed=group["seed"],
+            keys=keys,
         )
 
     def step_params(self, params: Iterable[Tensor]) -> None:
@@ -549,33 +577,39 @@ class ADOPT(Optimizer):
         (``register_step_pre_hook``/``register_step_post_hook``) do not run: this is one
         piece of a step, used by :func:`adoptim.enable_gradient_release`.
         """
-        index = self._group_index()
         by_group: dict[int, list[Tensor]] = {}
         for p in params:
-            gi = index.get(p)
-            if gi is None:  # a group added or replaced since the index was built
-                index = self._group_index(rebuild=True)
-                gi = index.get(p)
-                if gi is None:
-                    raise ValueError(
-                        f"step_params: a parameter of shape {tuple(p.shape)} is in none of "
-                        "this optimizer's param groups"
-                    )
+            gi, _ = self._place_of(p, caller="step_params")
             by_group.setdefault(gi, []).append(p)
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             for gi, group_params in by_group.items():
                 self._step_group(self.param_groups[gi], group_params)
 
-    def _group_index(self, rebuild: bool = False) -> dict[Tensor, int]:
-        """Parameter -> index of its param group, cached; rebuilt when the group list was
-        replaced (load_state_dict) or grew (add_param_group), or on request."""
-        cached = self.__dict__.get("_group_index_cache")
+    def _param_index(self, rebuild: bool = False) -> dict[Tensor, tuple[int, int]]:
+        """Parameter -> (index of its param group, its index in the state_dict numbering),
+        cached; rebuilt when the group list was replaced (load_state_dict) or grew
+        (add_param_group), or on request."""
+        cached = self.__dict__.get("_param_index_cache")
         groups = self.param_groups
         if rebuild or cached is None or cached[0] is not groups or cached[1] != len(groups):
-            index = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
+            params = [(gi, p) for gi, g in enumerate(groups) for p in g["params"]]
+            index = {p: (gi, key) for key, (gi, p) in enumerate(params)}
             cached = (groups, len(groups), index)
-            self.__dict__["_group_index_cache"] = cached
+            self.__dict__["_param_index_cache"] = cached
         return cached[2]
+
+    def _place_of(self, p: Tensor, caller: str) -> tuple[int, int]:
+        """(group index, state_dict key) of ``p``, rebuilding the index once if it has moved
+        since (a param list changed in place)."""
+        place = self._param_index().get(p)
+        if place is None:
+            place = self._param_index(rebuild=True).get(p)
+        if place is None:
+            raise ValueError(
+                f"{caller}: a parameter of shape {tuple(p.shape)} is in none of this "
+                "optimizer's param groups"
+            )
+        return place
 
     # --- end of the subset stepping ---------------------------------------------------------
 

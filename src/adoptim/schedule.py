@@ -105,4 +105,10 @@ def call_scalars(
     decay = 1 - (started * lr) * weight_decay  # dynamo specialises lr * 0.0 (a recompile per lr)
     if as_tensors:
         return list(bound.unbind()), list(sq_weight.unbind()), list(decay.unbind())
+    if clip_exp is not None:
+        # Python's pow, one count at a time: torch's vectorised float64 pow on CPU differs
+        # from its scalar loop (and from libm) in the last bit for ~2 % of counts, so a
+        # tensor's bound would depend on its place in the list (measured on 1..1e7, p=0.25).
+        bound = [0.0 if t == 0 else math.pow(t, clip_exp) for t in s.tolist()]
+        return bound, sq_weight.tolist(), decay.tolist()
     return bound.tolist(), sq_weight.tolist(), decay.tolist()

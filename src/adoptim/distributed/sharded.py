@@ -4,8 +4,10 @@ other meshes whose placements are ``Shard(dim)`` (torch.chunk sharding) or ``Rep
 Each rank quantizes its local shard: the local shard's real elements, flattened, are cut into
 blocks (of the format's size, ``block``) exactly as a plain tensor's are, and every update path
 (for-loop, foreach, fused kernel) runs on the local tensors (:func:`local_views`). The step's
-rounding seed is the plain one of the local shard (:func:`adoptim.formats.blockwise8.state_seed` of its
-call count and local size), so with one rank the state is bit-for-bit that of a plain tensor.
+rounding seed is the plain tensor's (:func:`adoptim.formats.blockwise8.state_seed`: the seed,
+the parameter's key, its call count), used for the local shard's blocks, so with one rank the
+state is bit-for-bit that of a plain tensor; with several, the blocks (and so the codes) follow
+the sharding, and the rounding depends on the world size.
 
 The state entries are DTensors, so that ``torch.distributed.checkpoint`` (DCP) saves each
 rank's part and loads it back in place, and ``state_dict()`` is what

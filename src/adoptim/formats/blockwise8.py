@@ -24,7 +24,8 @@ nearest freezes ``v``, and rounding ``sqrt(v)``'s code unbiasedly still biases `
 rounding variance on every step (measured: ``scripts/lowbit_format.py``, docs/lowbit.md).
 
 The random numbers are reproducible and the same on every path: each tensor's seed for a step
-is a hash of its call count and size (:func:`state_seed`), so it changes on every step,
+is a hash of the user's seed, the tensor's key and its call count (:func:`state_seed`, the
+rule of :mod:`adoptim.rng`), so it changes on every step,
 needs no generator (the user's random stream is untouched, and DDP ranks,
 ZeroRedundancyOptimizer shards and a resumed run all draw the same numbers as one
 uninterrupted process), and the kernel computes it itself. (Tensors of one size share the
@@ -35,18 +36,18 @@ block takes one offset ``u0`` from a hash of (seed, block, stream), and element 
 block uses ``u = frac(u0 + frac(j * phi))`` (a Weyl sequence, phi the golden ratio's
 fractional part): uniform for every element over seeds, so each rounding is unbiased, with
 one hash per block instead of one per element. The fused kernel
-(``csrc/fused_adopt_8bit.cpp``) performs exactly these float32 operations.
+(``kernels/cpu/csrc/fused_adopt.cpp``) performs exactly these float32 operations.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim.distributed import sharded as _sharded
 
 __all__ = [
@@ -116,24 +117,11 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _hash32_int(x: int) -> int:
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _f32_bits(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def state_seed(step: float, numel: int) -> int:
-    """The rounding seed of a tensor for one step: a hash of its call count before the step
-    (as float32 bits) and its number of (real) elements; the kernel's ``state_seed``."""
-    x = _hash32_int(_f32_bits(step) ^ 0x9E3779B9)
-    return _hash32_int(x ^ (numel & _MASK32))
+def state_seed(step: float, tensor_seed: int) -> int:
+    """The rounding seed of a tensor for one step: :func:`adoptim.rng.step_seed` of its
+    :func:`adoptim.rng.tensor_seed` (the user's seed and the tensor's key) and its call
+    count before the step; every path and kernel computes the same."""
+    return _rng.step_seed(tensor_seed, step)
 
 
 def block_offsets(
@@ -209,7 +197,9 @@ def quantize_m(m: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     inv = _levels_over(M_LEVELS, amax)
     y = m * _per_element(inv, n)
     q = torch.floor(y + dither(seed, STREAM_M, n, m.device)).clamp_(-M_LEVELS, M_LEVELS)
-    codes.copy_(q)
+    # a NaN m (its block's scale is then NaN too): code 0, as the kernels store it (a
+    # float -> int8 cast of NaN is undefined)
+    codes.copy_(torch.where(torch.isnan(q), 0.0, q))
 
 
 def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
@@ -231,7 +221,7 @@ def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     up = dither(seed, STREAM_V, n, v.device) * (v_hi - v_lo) < v - v_lo
     q = lo + up.to(torch.float32)
     q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
-    codes.copy_(q)
+    codes.copy_(torch.where(torch.isnan(q), 0.0, q))  # NaN (a NaN or inf v): code 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,13 +315,14 @@ def check_state(param: Tensor, state: dict[str, Any]) -> None:
             )
 
 
-def from_float(param: Tensor, m: Tensor, v: Tensor, step: float) -> dict[str, Tensor]:
+def from_float(param: Tensor, m: Tensor, v: Tensor, step: float,
+               tensor_seed: int) -> dict[str, Tensor]:  # fmt: skip
     """New 8-bit state holding the float moments ``m``, ``v`` (shaped like ``param``, or its
     local shard for a DTensor), quantized with the seed of call count ``step``."""
     state = new_state(param)
     local = local_state(param, tuple(state[k] for k in KEYS))
     flat_m, flat_v = (_real_flat_f32(t) for t in (m, v))
-    seed = state_seed(step, local[0].numel())  # the local size, as a step uses
+    seed = state_seed(step, tensor_seed)  # as the step from this count would
     store(flat_m, flat_v, seed, *local)
     return state
 

@@ -40,8 +40,8 @@ integer in ``[-2**(s-1), 2**(s-1))``:
   distance float32 travelled) and is biased where they are a few steps (lr 1e-4: max error
   0.065 against 0.0076; ``scripts/master_weights.py``, ``docs/memory.md``). The random numbers are counter-based, not drawn from a
   generator: the dither of :mod:`adoptim.formats.blockwise8` with the tensor's seed for the
-  step (:func:`~adoptim.formats.blockwise8.state_seed`: a hash of its call count and size)
-  on its own stream (``STREAM_MASTER``), so a run is reproducible and a resumed run continues
+  step (:mod:`adoptim.rng`: a hash of the user's seed, the tensor's state_dict index and its
+  call count) on its own stream (``STREAM_MASTER``), so a run is reproducible and a resumed run continues
   identically. Loading float32 weights (``set_fp32_model_state_dict``) rounds to nearest even.
   With updates far below a step the master still moves only on average (noisily), as plain
   bf16 with stochastic rounding does at a 2**-8 step: the numerics check
@@ -299,15 +299,16 @@ STALL_FRACTION = 0.5
 STALL_FRACTION_STOCHASTIC = 0.999
 
 
-def step_dither(param: Tensor, corr: Tensor, step: float) -> Tensor | None:
-    """The uniform numbers that round ``param``'s 24-bit master weight on the call whose count
-    before it is ``step`` (None for 32 bits, which round nothing)."""
+def step_dither(param: Tensor, corr: Tensor, seed: int) -> Tensor | None:
+    """The uniform numbers that round ``param``'s 24-bit master weight with the step's
+    ``seed`` (:mod:`adoptim.rng`: the one seed of every random number of this tensor's step;
+    its own stream), or None for 32 bits, which round nothing."""
     if corr.dtype != torch.int8:
         return None
     from adoptim.formats import blockwise8 as _quant
 
     n = param.numel()
-    return _quant.dither(_quant.state_seed(step, n), _quant.STREAM_MASTER, n, param.device)
+    return _quant.dither(seed, _quant.STREAM_MASTER, n, param.device)
 
 
 def stored_value(param: Tensor, corr: Tensor | None) -> Tensor:
@@ -340,10 +341,10 @@ def load(param: Tensor, corr: Tensor, *, flat: bool = False) -> Tensor:
     return work.reshape(-1) if flat else work
 
 
-def store(param: Tensor, corr: Tensor, work: Tensor, step: float) -> None:
-    """Store the updated master weight ``work`` into ``param`` and ``corr``; ``step`` is the
-    tensor's call count before this step, which seeds the 24-bit rounding."""
-    split_into(param, corr, work, step_dither(param, corr, step))
+def store(param: Tensor, corr: Tensor, work: Tensor, seed: int) -> None:
+    """Store the updated master weight ``work`` into ``param`` and ``corr``; ``seed`` is the
+    tensor's seed for this step (:func:`adoptim.rng.step_seed`), for the 24-bit rounding."""
+    split_into(param, corr, work, step_dither(param, corr, seed))
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,16 +40,16 @@ def load_param(param: Tensor, *, flat: bool = False) -> tuple[Tensor, bool]:
     return (work.reshape(-1) if flat else work), False
 
 
-def store_param(param: Tensor, work: Tensor, *, stochastic: bool, seed: int | None) -> None:
-    """Store the updated ``work`` (from :func:`load_param`, not a view) into ``param``
-    (``seed`` None: the rounding noise is drawn from torch's generator)."""
+def store_param(param: Tensor, work: Tensor, *, stochastic: bool, seed: int) -> None:
+    """Store the updated ``work`` (from :func:`load_param`, not a view) into ``param``;
+    ``seed``: the step's seed (:mod:`adoptim.rng`) for stochastic rounding."""
     real = _real(param)
     if stochastic and real.dtype == torch.bfloat16 and work.dtype == torch.float32:
         work = stochastic_round_bf16(work, seed)
     real.copy_(work.view(real.shape))
 
 
-def stochastic_round_bf16(value: Tensor, seed: int | None) -> Tensor:
+def stochastic_round_bf16(value: Tensor, seed: int) -> Tensor:
     """float32 -> bfloat16, rounding up with probability equal to the discarded fraction, so
     that E[result] = value and updates far below half an ulp still move a parameter on average.
 
@@ -58,11 +58,8 @@ def stochastic_round_bf16(value: Tensor, seed: int | None) -> Tensor:
     resumed run rounds as the uninterrupted one. NaN stays NaN; a value next to the largest
     finite bfloat16 is truncated rather than rounded up to inf.
     """
-    if seed is None:
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device)
-    else:
-        u = _b8.dither(seed, _b8.STREAM_PARAM, value.numel(), value.device)
-        noise = (u * 65536.0).to(torch.int32).view(value.shape)
+    u = _b8.dither(seed, _b8.STREAM_PARAM, value.numel(), value.device)
+    noise = (u * 65536.0).to(torch.int32).view(value.shape)
     bits = value.contiguous().view(torch.int32)
     rounded = ((bits + noise) & -65536).view(torch.float32)
     truncated = (bits & -65536).view(torch.float32)

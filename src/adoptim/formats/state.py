@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim.distributed import sharded as _sharded
 from adoptim.formats import blockwise8, floating
 
@@ -110,8 +111,10 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
     """Bring every parameter's moments to the format its group asks for: float moments
     (a float32-state checkpoint, ``from_adam``) are quantized for 8-bit tensors, 8-bit ones
     (an 8-bit checkpoint) are dequantized for float-state tensors."""
+    pid = -1  # each parameter's index in the state_dict numbering: its key in adoptim.rng
     for group in optimizer.param_groups:
         for p in group["params"]:
+            pid += 1
             state = optimizer.state.get(p)
             if not state or "exp_avg" not in state:
                 continue
@@ -121,7 +124,10 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
                 blockwise8.check_state(p, state)
             if want and not have:
                 step = float(state.get("step", 0.0))
-                state.update(blockwise8.from_float(p, state["exp_avg"], state["exp_avg_sq"], step))
+                tseed = _rng.tensor_seed(group.get("seed", 0), pid)
+                state.update(
+                    blockwise8.from_float(p, state["exp_avg"], state["exp_avg_sq"], step, tseed)
+                )
             elif have and not want:
                 m, v = blockwise8.to_float(state, p)
                 for key in blockwise8.KEYS:

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim._utils import view_as_real_if_complex
 from adoptim.distributed import sharded as _sharded
 from adoptim.formats import blockwise8, floating, master
@@ -56,6 +57,8 @@ def run_unfused(
     corrections: list[Tensor | None] | None = None,
     budget: int = 0,
     stochastic_rounding: bool = False,
+    seed: int = 0,
+    keys: list[int] | None = None,
     **kwargs: Any,
 ) -> None:
     """Step these tensors with ``path`` (:func:`~adoptim.paths.forloop.single_tensor_adopt`
@@ -64,8 +67,9 @@ def run_unfused(
     ``scales[i]`` (m scale, v scale) marks tensor ``i`` as 8-bit: ``exp_avgs[i]`` and
     ``exp_avg_sqs[i]`` hold its codes. ``corrections[i]`` (master-weight correction) makes
     its parameter a master weight: loaded with :func:`adoptim.formats.master.load`, stored
-    with :func:`adoptim.formats.master.store`. ``budget``: elements of work copies per call
-    of ``path`` (0: one tensor with copies per call)."""
+    with :func:`adoptim.formats.master.store`. ``budget``: elements of work copies per call of
+    ``path`` (0: one tensor with copies per call). ``seed`` and ``keys`` (one per tensor;
+    default 0, 1, ...) give each tensor's random numbers (:mod:`adoptim.rng`)."""
     scales = scales if scales is not None else [None] * len(params)
     corrections = corrections if corrections is not None else [None] * len(params)
     copied = [
@@ -77,7 +81,8 @@ def run_unfused(
         return
     for chunk in _chunks(params, copied, budget):
         _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
-                   corrections, stochastic_rounding=stochastic_rounding, **kwargs)  # fmt: skip
+                   corrections, stochastic_rounding=stochastic_rounding, seed=seed, keys=keys,
+                   **kwargs)  # fmt: skip
 
 
 def _in_place(p: Tensor) -> bool:
@@ -85,7 +90,8 @@ def _in_place(p: Tensor) -> bool:
 
 
 def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
-               corrections, *, stochastic_rounding: bool, **kwargs) -> None:  # fmt: skip
+               corrections, *, stochastic_rounding: bool, seed: int, keys: list[int] | None,
+               **kwargs) -> None:  # fmt: skip
     work_p, work_g, work_m, work_v, stores = [], [], [], [], []
     caution_dtensors = {}  # position in the work lists -> the DTensor parameter
     for i in chunk:
@@ -99,11 +105,9 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
                 p, g = p.to_local(), g.to_local()
             m, v = blockwise8.load(*local)
             moments = ("8bit", local)
-            numel = local[0].numel()
         else:
             m, v, m_in_place = floating.load(p, exp_avgs[i], exp_avg_sqs[i])
             moments = ("float", m_in_place)
-            numel = p.numel()
         if corrections[i] is not None:  # the float32 master weight (bf16/fp16 + correction)
             theta, p_in_place = master.load(p, corrections[i], flat=flat), False
         else:
@@ -115,9 +119,8 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
         work_m.append(m)
         work_v.append(v)
         # the step's rounding seed, from the call count before the step (the kernels' too)
-        step = float(state_steps[i])
-        seed = blockwise8.state_seed(step, numel)
-        stores.append((i, p, p_in_place, moments, seed, step))
+        tseed = _rng.tensor_seed(seed, i if keys is None else keys[i])
+        stores.append((i, p, p_in_place, moments, blockwise8.state_seed(float(state_steps[i]), tseed)))
     lists = (work_p, work_g, work_m, work_v)
     if caution_dtensors:  # in place on DTensors over the same storage
         lists = tuple(
@@ -127,13 +130,12 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
         )  # fmt: skip
     kwargs = {**kwargs, "has_complex": False}  # the work tensors are real
     path(*lists, [state_steps[i] for i in chunk], **kwargs)
-    for k, (i, p, p_in_place, (kind, where), seed, step) in enumerate(stores):
+    for k, (i, p, p_in_place, (kind, where), step_seed) in enumerate(stores):
         if kind == "8bit":
-            blockwise8.store(work_m[k], work_v[k], seed, *where)
+            blockwise8.store(work_m[k], work_v[k], step_seed, *where)
         elif not where:  # float moments that were copies
             floating.store(exp_avgs[i], exp_avg_sqs[i], work_m[k], work_v[k])
-        if corrections[i] is not None:  # rounded with the count before the step
-            master.store(p, corrections[i], work_p[k], step)
-        elif not p_in_place:  # (float moments: noise from torch's generator, as the C++ kernel)
-            seed = seed if kind == "8bit" else None
-            store_param(p, work_p[k], stochastic=stochastic_rounding, seed=seed)
+        if corrections[i] is not None:  # split into bf16 + correction (24 bits: stochastic)
+            master.store(p, corrections[i], work_p[k], step_seed)
+        elif not p_in_place:  # the same seed's parameter stream for every format
+            store_param(p, work_p[k], stochastic=stochastic_rounding, seed=step_seed)

@@ -236,10 +236,12 @@ def compile_triton() -> list[dict[str, Any]]:
         return [{"kernel": "Triton kernels", "target": "-", "ok": False,
                  "error": f"triton is not installed: {_triton_kernel.INSTALL_HINT}"}]  # fmt: skip
     if not _triton_kernel._interpreting():
-        records = _triton_kernel.compile_report()
+        from adoptim.kernels.triton import aot as _aot
+
+        records = _aot.compile_report()
     else:
         code = (
-            "import json; from adoptim.kernels.triton import launch as tk; "
+            "import json; from adoptim.kernels.triton import aot as tk; "
             "print(json.dumps(tk.compile_report()))"
         )
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

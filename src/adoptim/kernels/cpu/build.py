@@ -1,5 +1,5 @@
-"""Building, caching and loading the fused CPU kernels (``csrc/fused_adopt.cpp``, and
-``csrc/fused_adopt_8bit.cpp`` for 8-bit state).
+"""Building, caching and loading the fused CPU kernels (``csrc/fused_adopt.cpp``: the
+float-state and 8-bit kernels, one update written once).
 
 The kernels are built with ``torch.utils.cpp_extension`` on first use and cached, one shared
 library (both sources, two ops in the ``adoptim`` namespace) for all tensors and dtypes.
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = (_CSRC / "fused_adopt.cpp", _CSRC / "fused_adopt_8bit.cpp")
+_SOURCES = (_CSRC / "fused_adopt.cpp",)
 _LIB_NAME = "adoptim_fused.so"
 # A failed build is not retried for this long (fix the compiler, or call clear_failure()).
 _FAILURE_TTL_S = 3600.0

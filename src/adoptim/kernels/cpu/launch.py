@@ -1,10 +1,13 @@
-"""The fused CPU path: the whole step in one pass over memory, by the C++ kernel.
+"""The fused CPU path: the whole step in one pass over memory, by the C++ kernels.
 
-This module hands a step to the kernel (``csrc/fused_adopt.cpp``; built and cached by
-:mod:`adoptim.kernels.cpu.build`): it buckets the tensors by dtype, computes the per-tensor
-scalars with the same code as the other paths (:func:`adoptim.schedule.call_scalars`), and
-says which tensors the kernel cannot take, so that the caller runs those (or all of them,
-while the kernel is being built) on the for-loop path.
+This module hands a step to the kernels (``csrc/fused_adopt.cpp``, one library built and
+cached by :mod:`adoptim.kernels.cpu.build`): :func:`fused_adopt` for float moments
+(``adoptim::fused_adopt_``) and :func:`fused_adopt_8bit` for 8-bit ones
+(``adoptim::fused_adopt_8bit_``). Both bucket the tensors by dtype, compute the per-tensor
+scalars with the same code as the other paths (:func:`adoptim.schedule.call_scalars`) into
+one float64 table (:func:`_scalar_table`, with each tensor's key for the random numbers of
+:mod:`adoptim.rng`), and say which tensors the kernel cannot take, so that the caller runs
+those (or all of them, while the kernel is being built) on the for-loop path.
 """
 
 from __future__ import annotations
@@ -26,8 +29,17 @@ from adoptim.kernels.cpu.build import (
 )
 from adoptim.schedule import call_scalars
 
-__all__ = ["SUPPORTED_DTYPES", "default_to_fused", "fused_adopt", "unsupported_reason"]
+__all__ = [
+    "KERNEL_DTYPES_8BIT",
+    "SUPPORTED_DTYPES",
+    "default_to_fused",
+    "fused_adopt",
+    "fused_adopt_8bit",
+    "unsupported_reason",
+]
 
+#: parameter dtypes the 8-bit kernel takes (complex64 as its float32 real view)
+KERNEL_DTYPES_8BIT = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _disabled() -> bool:
@@ -86,6 +98,53 @@ def default_to_fused(params: list[Tensor], differentiable: bool) -> bool:
     return is_loaded() or buildable()
 
 
+def _op(strict: bool):
+    """The kernel library's ops namespace, or None while it is being built and under
+    torch.compile (the ops have no tracing rules); ``strict`` (fused=True): a failed build
+    raises instead."""
+    if is_compiling():
+        # Under torch.compile the for-loop path runs, which Inductor fuses into one loop per
+        # tensor. Nothing here is traced (no cache lookups).
+        return None
+    op = load_kernel(build=True)
+    if op is None and strict:  # fused=True: a failed build is an error, not a slow path
+        failure = failure_message()
+        if failure is not None:
+            raise RuntimeError(failure)
+    return None if op is None else torch.ops.adoptim
+
+
+def _scalar_table(steps: list[Tensor], keys: list[int], offsets: list[int] | None,
+                  **kwargs: Any) -> Tensor:  # fmt: skip
+    """float64 rows of per-tensor scalars: bound, sq_weight, decay (call_scalars), key, and
+    with ``offsets`` the index of each tensor's element 0 in its whole tensor."""
+    weight_decay = kwargs["weight_decay"] if kwargs["decouple"] else 0.0
+    bounds, sq_weights, decays = call_scalars(
+        steps, as_tensors=False, lr=kwargs["lr"], beta2=float(kwargs["beta2"]),
+        weight_decay=weight_decay, clip_exp=kwargs["clip_exp"], clip_fn=kwargs["clip_fn"],
+    )  # fmt: skip
+    rows = [bounds, sq_weights, decays, keys]
+    if offsets is not None:
+        rows.append(offsets)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _hyper(kwargs: dict[str, Any], grad_scale: Tensor | None) -> tuple:
+    """The ops' trailing host scalars: lr, beta1, beta2, eps, weight_decay, coupled,
+    maximize, grad_scale."""
+    weight_decay = kwargs["weight_decay"]
+    return (
+        kwargs["lr"],
+        float(kwargs["beta1"]),
+        float(kwargs["beta2"]),
+        float(kwargs["eps"]),
+        float(weight_decay),
+        weight_decay != 0 and not kwargs["decouple"],
+        bool(kwargs["maximize"]),
+        1.0 if grad_scale is None else float(grad_scale.item()),
+    )
+
+
 def fused_adopt(
     params: list[Tensor],
     grads: list[Tensor],
@@ -96,39 +155,22 @@ def fused_adopt(
     grad_scale: Tensor | None = None,
     stochastic_rounding: bool = False,
     strict: bool = False,
+    seed: int = 0,
+    keys: list[int] | None = None,
     **kwargs: Any,
 ) -> list[int]:
-    """The fused path: one pass over memory per tensor, all tensors in one kernel call.
+    """The fused path for float moments: one pass over memory per tensor, all tensors in one
+    kernel call per dtype pair.
 
     Returns the indices of the tensors it left alone, for the caller to run on the for-loop
-    path: all of them while the kernel is being built and under torch.compile (the op has no
-    tracing rules), and those whose layout the kernel cannot walk as one flat array (rare:
-    non-dense parameters).
+    path: all of them while the kernel is being built and under torch.compile, and those
+    whose layout the kernel cannot walk as one flat array (rare: non-dense parameters).
     """
-    if is_compiling():
-        # The op has no tracing rules: under torch.compile the for-loop path runs, which
-        # Inductor fuses into one loop per tensor. Nothing here is traced (no cache lookups).
+    ops = _op(strict)
+    if ops is None:
         return list(range(len(params)))
-    op = load_kernel(build=True)
-    if op is None and strict:  # fused=True: a failed build is an error, not a slow path
-        failure = failure_message()
-        if failure is not None:
-            raise RuntimeError(failure)
-    if op is None:
-        return list(range(len(params)))
-
-    lr = float(kwargs["lr"])  # one-element tensors (compile, capturable) are read here
-    weight_decay, decouple = kwargs["weight_decay"], kwargs["decouple"]
-    bounds, sq_weights, decays = call_scalars(
-        state_steps,
-        as_tensors=False,
-        lr=lr,
-        beta2=float(kwargs["beta2"]),
-        weight_decay=weight_decay if decouple else 0.0,
-        clip_exp=kwargs["clip_exp"],
-        clip_fn=kwargs["clip_fn"],
-    )
-    scale = 1.0 if grad_scale is None else float(grad_scale.item())
+    keys = list(range(len(params))) if keys is None else keys
+    kwargs["lr"] = float(kwargs["lr"])  # one-element tensors (compile, capturable) are read here
 
     # One kernel call per (parameter dtype, state dtype); tensors it cannot walk go aside.
     # This loop is the per-step Python cost of many small tensors: cheap checks first.
@@ -156,6 +198,7 @@ def fused_adopt(
         else:
             aside.append(i)
     has_complex = kwargs["has_complex"]
+    hyper = _hyper(kwargs, grad_scale)
     for (p_dtype, _), index in buckets.items():
         b_params, b_grads, b_m, b_v = [], [], [], []
         for i in index:
@@ -168,35 +211,79 @@ def fused_adopt(
             b_grads.append(g)
             b_m.append(m)
             b_v.append(v)
-        scalars = torch.tensor(
-            [
-                [bounds[i] for i in index],
-                [sq_weights[i] for i in index],
-                [decays[i] for i in index],
-            ],
-            dtype=torch.float64,
-        )
+        steps = [state_steps[i] for i in index]
         stochastic = stochastic_rounding and p_dtype == torch.bfloat16
-        # Drawn from torch's generator so that torch.manual_seed makes runs repeatable.
-        seed = int(torch.randint(0, 2**62, ())) if stochastic else 0
-        op(
-            b_params,
-            b_grads,
-            b_m,
-            b_v,
-            [state_steps[i] for i in index],  # the kernel adds 1 to each
-            scalars,
-            lr,
-            float(kwargs["beta1"]),
-            float(kwargs["beta2"]),
-            kwargs["eps"],
-            weight_decay,
-            weight_decay != 0 and not decouple,
-            kwargs["maximize"],
-            scale,
-            stochastic,
-            seed,
-            kwargs["nesterov"],
-            kwargs["caution"],
-        )
+        # (a DTensor shard's offset in its whole tensor is not used: see adoptim.rng)
+        scalars = _scalar_table(steps, [keys[i] for i in index], [0] * len(index), **kwargs)
+        ops.fused_adopt_(
+            b_params, b_grads, b_m, b_v,
+            steps,  # the kernel adds 1 to each
+            scalars, *hyper, stochastic, seed, bool(kwargs["nesterov"]), bool(kwargs["caution"]),
+        )  # fmt: skip
+    return aside
+
+
+def fused_adopt_8bit(
+    index: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    m_codes: list[Tensor],
+    m_scales: list[Tensor],
+    v_codes: list[Tensor],
+    v_scales: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    strict: bool,
+    grad_scale: Tensor | None,
+    stochastic_rounding: bool,
+    seed: int = 0,
+    keys: list[int] | None = None,
+    **kwargs: Any,
+) -> list[int]:
+    """The fused path for 8-bit moments: step the tensors ``index`` with the kernel; return
+    those it left to the for-loop path (all of them while it is being built, under
+    torch.compile, or with ``caution``, whose rescaling needs the mean of a mask over the
+    whole tensor before any element can be written: the same maths, about 3x slower)."""
+    if kwargs.get("caution"):
+        return index
+    ops = _op(strict)
+    if ops is None:
+        return index
+    keys = list(range(len(params))) if keys is None else keys
+    lr = kwargs["lr"]
+    kwargs["lr"] = lr.item() if isinstance(lr, Tensor) else float(lr)
+    buckets: dict[torch.dtype, list[int]] = {}
+    aside: list[int] = []
+    for i in index:
+        (p,) = view_as_real_if_complex(params[i])
+        if p.device.type != "cpu":  # the op has a CPU implementation only
+            if strict:
+                raise RuntimeError(
+                    f"the C++ 8-bit kernel runs on CPU tensors, and a parameter is on "
+                    f"{p.device} (CUDA/ROCm parameters take the Triton kernel); use "
+                    "foreach=True or leave fused unset"
+                )
+            aside.append(i)
+        elif p.is_contiguous() and p.dtype in KERNEL_DTYPES_8BIT and grads[i].shape == params[i].shape:
+            buckets.setdefault(p.dtype, []).append(i)
+        else:
+            aside.append(i)
+    hyper = _hyper(kwargs, grad_scale)
+    for dtype, idx in buckets.items():
+        steps = [state_steps[i] for i in idx]
+        scalars = _scalar_table(steps, [keys[i] for i in idx], None, **kwargs)
+        b_params, b_grads = [], []
+        for i in idx:
+            (p,) = view_as_real_if_complex(params[i])
+            (g,) = view_as_real_if_complex(grads[i])
+            b_params.append(p)
+            b_grads.append(g if g.is_contiguous() else g.contiguous())
+        ops.fused_adopt_8bit_(
+            b_params, b_grads,
+            [m_codes[i] for i in idx], [m_scales[i] for i in idx],
+            [v_codes[i] for i in idx], [v_scales[i] for i in idx],
+            steps,  # the kernel adds 1 to each
+            scalars, *hyper, stochastic_rounding and dtype == torch.bfloat16, seed,
+            bool(kwargs.get("nesterov", False)),
+        )  # fmt: skip
     return aside

@@ -18,9 +18,10 @@ Two kernels, each launched once per group of tensors that share a device and dty
   ``caution`` it runs twice: ``COUNT_ONLY`` counts the coordinates where ``u * g > 0`` (atomic
   add per tensor), then the update divides by that tensor's mean.
 
-The operations follow the for-loop path (``adoptim.paths.forloop``) in its order, as the CPU
-kernel (``csrc/fused_adopt.cpp``) does: see the comments there for the choices (NaN-passing
-clamps written as selects, torch.lerp's two formulas).
+The update is written once, :func:`_adopt_element`, for both state formats (float moments:
+:func:`adopt_kernel`; 8-bit codes: :func:`adopt_8bit_kernel`), with the reference's
+operations in its order, each rounded once, as the CPU kernel (``csrc/fused_adopt.cpp``)
+does: see the comments there. The kernels are compiled with ``enable_fp_fusion=False``.
 """
 
 from __future__ import annotations
@@ -35,15 +36,123 @@ N_COLUMNS = 4  # bound, sq_weight, started (0 or 1), s (count before this call)
 
 
 # Few helper functions on purpose: under the interpreter each call of one costs about a
-# millisecond (it patches triton.language), which is most of an interpreted step.
+# millisecond (it patches triton.language), which is most of an interpreted step. Scalar
+# arguments are cast to the compute dtype in the kernels' bodies, not in a helper: the
+# interpreter passes them as Python floats, which a helper's call would round to float32
+# (tl.full rounds once, from float64).
+
+# --------------------------------------------------------------------------------------------
+# The update, written once for every format (csrc/fused_adopt.cpp's adopt_element)
 
 
 @triton.jit
-def _inputs(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd,
-            C_DTYPE: tl.constexpr, SCALE_G: tl.constexpr, COUPLED: tl.constexpr):
-    """theta, g (unscaled, signed, with coupled decay), m, v in the compute dtype; ``mask``
-    is None for full blocks (unmasked, so aligned loads are 128-bit), lanes past the end of
-    the tensor read as 0 otherwise."""
+def _adopt_element(g, theta, m, v, g_scale, wd, decay, bound, eps, beta1, w1, beta2,
+                   sq_weight, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   COUPLED: tl.constexpr, NESTEROV: tl.constexpr):
+    """The reference's operations on one tile, in its order, each rounded once (compiled with
+    enable_fp_fusion=False: no product is contracted into an add); IEEE division and
+    correctly rounded sqrt (tl's ``/`` and sqrt may be approximate in float32). Returns
+    (g, theta after decay, m, v, u before caution). Selects let NaN pass, as torch.clamp."""
+    if HAS_SCALE:  # GradScaler: g / scale
+        if g.dtype == tl.float64:
+            g = g / g_scale
+        else:
+            g = tl.div_rn(g, g_scale)
+    if MAXIMIZE:
+        g = -g
+    if COUPLED:
+        g = g + theta * wd  # coupled (L2) decay: enters v too
+    theta = theta * decay  # decoupled decay; exactly 1 when off and on the first call
+    if g.dtype == tl.float64:
+        d = tl.sqrt(v)
+    else:
+        d = tl.sqrt_rn(v)
+    d = tl.where(d < eps, eps, d)
+    if g.dtype == tl.float64:
+        n = g / d
+    else:
+        n = tl.div_rn(g, d)
+    n = tl.where(n < -bound, -bound, n)  # clip to [-c_t, c_t]; c_t = 0 on the first call
+    n = tl.where(n > bound, bound, n)
+    m = m * beta1 + n * w1
+    u = m
+    if NESTEROV:  # one momentum step ahead, with the new m
+        u = m * beta1 + n * w1
+    v = v * beta2 + (g * g) * sq_weight
+    return g, theta, m, v, u
+
+
+@triton.jit
+def _round_to(x, up, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """float32 ``x`` in ``DTYPE``: bfloat16 rounded to nearest even, or stochastically with
+    16 bits of the dither ``up`` (formats/blockwise8.stochastic_round_bf16), written out on
+    the bits (the interpreter's float32 -> bfloat16 cast truncates); NaN stays NaN. Other
+    dtypes: the cast (round to nearest even)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        exp_mask = tl.full((), 0x7F800000, tl.uint32)
+        quiet = tl.full((), 0x0040, tl.uint32)
+        if STOCHASTIC:
+            rounded = bits + (up * 65536.0).to(tl.uint32)
+            # next to the largest finite bf16 a round-up could reach inf: truncate instead
+            overflow = ((rounded & exp_mask) == exp_mask) & ((bits & exp_mask) != exp_mask)
+            rounded = tl.where(overflow, bits, rounded)
+        else:
+            lsb = (bits >> 16) & tl.full((), 1, tl.uint32)
+            rounded = bits + tl.full((), 0x7FFF, tl.uint32) + lsb
+        top = tl.where(x != x, (bits >> 16) | quiet, rounded >> 16)
+        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# Counter-based random numbers (adoptim.rng, formats/blockwise8.dither)
+
+
+@triton.jit
+def _hash32(x):
+    """lowbias32 (C. Wellons) on uint32."""
+    k1 = tl.full((), 0x7FEB352D, tl.uint32)  # typed constants: numpy (the interpreter)
+    k2 = tl.full((), 0x846CA68B, tl.uint32)  # will not mix uint32 with int64
+    x = x ^ (x >> 16)
+    x = x * k1
+    x = x ^ (x >> 15)
+    x = x * k2
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _block_offsets(seed, block, stream):
+    """blockwise8.block_offsets: a uniform float32 in [0, 1) (24 bits) per block (uint32s)."""
+    golden = tl.full((), 0x9E3779B9, tl.uint32)
+    three = tl.full((), 3, tl.uint32)
+    x = _hash32(seed + (three * block + stream) * golden)
+    return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _weyl(j):
+    """blockwise8.WEYL[j]: frac(j * phi), phi = (sqrt(5) - 1) / 2, in float64 (a product and
+    a subtraction, both exact to the float64 result Python computes), rounded once."""
+    jphi = j.to(tl.float64) * tl.full((), 0.6180339887498949, tl.float64)
+    return (jphi - tl.floor(jphi)).to(tl.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Format 1: float moments (state dtype S_DTYPE), walked in 1-D chunks
+
+
+@triton.jit
+def _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, g_scale, wd, decay, bound, eps,
+                 beta1, w1, beta2, sq_weight, lr, kept, seed,
+                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
+                 NESTEROV: tl.constexpr, CAUTION: tl.constexpr, COUNT_ONLY: tl.constexpr,
+                 STOCHASTIC: tl.constexpr):
+    """One block of a float-state tensor: load, update, store (or with COUNT_ONLY, return how
+    many coordinates have u * g > 0). ``mask`` is None for full blocks (unmasked, so aligned
+    loads are 128-bit); lanes past the end of the tensor read as 0 and write nothing."""
     if mask is None:
         g = tl.load(g_ptr + offs).to(C_DTYPE)
         theta = tl.load(p_ptr + offs).to(C_DTYPE)
@@ -54,39 +163,29 @@ def _inputs(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd,
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
-    if SCALE_G:
-        g = g * gmul  # 1/grad_scale (GradScaler) and the sign of maximize
-    if COUPLED:
-        g = g + wd * theta  # coupled (L2) decay: enters v too
-    # n = g / max(sqrt(v), eps), IEEE sqrt and division as torch's (tl.sqrt and ``/`` may be
-    # approximate in float32); max as a select, so that NaN passes, as in torch.clamp
-    if g.dtype == tl.float64:
-        denom = tl.sqrt(v)
+    g, theta, m, v, u = _adopt_element(g, theta, m, v, g_scale, wd, decay, bound, eps, beta1,
+                                       w1, beta2, sq_weight, HAS_SCALE, MAXIMIZE, COUPLED,
+                                       NESTEROV)
+    kept_here = tl.full((), 0, tl.int32)
+    if COUNT_ONLY:  # lanes past the end have g = 0 (tl.sum: see the module's note)
+        kept_here = tl.reduce((u * g > 0).to(tl.int32), 0, _add)
     else:
-        denom = tl.sqrt_rn(v)
-    return theta, g, m, v, denom
-
-
-@triton.jit
-def _direction(g, m, denom, bound, eps, w1, b1,
-               SMALL_WEIGHT: tl.constexpr, NESTEROV: tl.constexpr):
-    """The new m and the update direction u (before caution)."""
-    denom = tl.where(denom < eps, eps, denom)
-    if g.dtype == tl.float64:
-        n = g / denom
-    else:
-        n = tl.div_rn(g, denom)
-    n = tl.where(n < -bound, -bound, n)  # clip to [-c_t, c_t]; c_t = 0 on the first call
-    n = tl.where(n > bound, bound, n)
-    # m = beta1*m + (1-beta1)*n, with torch.lerp's formula for the weight w1 = 1 - beta1
-    if SMALL_WEIGHT:
-        m = m + w1 * (n - m)
-    else:
-        m = n - (n - m) * (1.0 - w1)
-    u = m
-    if NESTEROV:
-        u = b1 * m + w1 * n  # one momentum step ahead
-    return m, u
+        if CAUTION:  # u * mask / kept, mask 0 or 1 (NaN stays NaN, as in the reference)
+            caution_mask = tl.where(u * g > 0, 1.0, 0.0).to(C_DTYPE)
+            if g.dtype == tl.float64:
+                u = (u * caution_mask) / kept
+            else:
+                u = tl.div_rn(u * caution_mask, kept)
+        theta = theta - lr * u
+        up = tl.zeros_like(theta).to(tl.float32)
+        if STOCHASTIC:  # stream 2's dither: frac(block_offsets(seed, j // 256) + weyl[j % 256])
+            up = _block_offsets(seed, (offs // 256).to(tl.uint32), tl.full((), 2, tl.uint32))
+            up = up + _weyl(offs % 256)
+            up = tl.where(up >= 1.0, up - 1.0, up)
+        tl.store(m_ptr + offs, _round_to(m, up, S_DTYPE, False), mask=mask)
+        tl.store(v_ptr + offs, _round_to(v, up, S_DTYPE, False), mask=mask)
+        tl.store(p_ptr + offs, _round_to(theta, up, P_DTYPE, STOCHASTIC), mask=mask)
+    return kept_here
 
 
 @triton.jit
@@ -94,81 +193,9 @@ def _add(a, b):
     return a + b
 
 
-@triton.jit
-def _hash_bits(seed, offs):
-    """32 well-mixed random bits per element from (seed, element index): the lowbias32 hash
-    (C. Wellons) of the index mixed with both halves of the seed. Written out rather than
-    tl.randint: the interpreter cannot run triton.language's own @jit helpers once Inductor
-    has imported triton in the same process."""
-    k1 = tl.full((), 0x7FEB352D, tl.uint32)  # typed constants: numpy (the interpreter)
-    k2 = tl.full((), 0x846CA68B, tl.uint32)  # will not mix uint32 with int64
-    golden = tl.full((), 0x9E3779B9, tl.uint32)
-    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    x = offs.to(tl.uint32) * golden ^ lo
-    x = x ^ (x >> 16)
-    x = x * k1
-    x = x ^ (x >> 15) ^ hi
-    x = x * k2
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _round_stochastic(x, seed, offs):
-    """float32 -> bfloat16, rounding up with probability equal to the discarded fraction."""
-    bits = x.to(tl.uint32, bitcast=True)
-    low_bits = tl.full((), 0xFFFF, tl.uint32)  # typed constants: numpy (the interpreter)
-    exp_mask = tl.full((), 0x7F800000, tl.uint32)  # will not mix uint32 with int64
-    noise = _hash_bits(seed, offs) & low_bits
-    rounded = bits + noise
-    # A value next to the largest finite bf16 would round up to inf: truncate it instead.
-    overflow = ((rounded & exp_mask) == exp_mask) & ((bits & exp_mask) != exp_mask)
-    rounded = tl.where(overflow, bits, rounded)
-    out = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(x != x, x.to(tl.bfloat16), out)  # NaN stays NaN
-
-
-@triton.jit
-def _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd, decay, bound,
-                  sq_weight, lr, w1, b1, beta2, eps, caution_denom, seed,
-                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
-                  SCALE_G: tl.constexpr, COUPLED: tl.constexpr, SMALL_WEIGHT: tl.constexpr,
-                  NESTEROV: tl.constexpr, CAUTION: tl.constexpr, STOCHASTIC: tl.constexpr):
-    theta, g, m, v, denom = _inputs(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd,
-                                    C_DTYPE, SCALE_G, COUPLED)
-    m, u = _direction(g, m, denom, bound, eps, w1, b1, SMALL_WEIGHT, NESTEROV)
-    if CAUTION:  # keep coordinates where u and g agree, rescaled by the tensor's mean
-        if g.dtype == tl.float64:
-            u = tl.where(u * g > 0, u / caution_denom, 0.0)
-        else:
-            u = tl.where(u * g > 0, tl.div_rn(u, caution_denom), 0.0)
-    theta = theta * decay  # decoupled decay; exactly 1 when off and on the first call
-    theta = theta - lr * u
-    # v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0)
-    v = v * beta2 + sq_weight * g * g
-    if STOCHASTIC:
-        theta_out = _round_stochastic(theta, seed, offs)
-    else:
-        theta_out = theta.to(P_DTYPE)  # round to nearest even
-    tl.store(m_ptr + offs, m.to(S_DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(S_DTYPE), mask=mask)
-    tl.store(p_ptr + offs, theta_out, mask=mask)
-
-
-@triton.jit
-def _count_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd, bound, w1, b1, eps,
-                 C_DTYPE: tl.constexpr, SCALE_G: tl.constexpr, COUPLED: tl.constexpr,
-                 SMALL_WEIGHT: tl.constexpr, NESTEROV: tl.constexpr):
-    """How many coordinates of the block have u * g > 0 (lanes past the end have g = 0)."""
-    theta, g, m, v, denom = _inputs(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, gmul, wd,
-                                    C_DTYPE, SCALE_G, COUPLED)
-    m, u = _direction(g, m, denom, bound, eps, w1, b1, SMALL_WEIGHT, NESTEROV)
-    return tl.reduce((u * g > 0).to(tl.int32), 0, _add)  # tl.sum: see _hash_bits
-
-
-@triton.jit(do_not_specialize=["n_tensors", "seed"])
+@triton.jit(do_not_specialize=["n_tensors"])
 def adopt_kernel(
-    table_ptr,  # int64: p, g, m, v data_ptrs, numel (n_tensors each), then the work items
+    table_ptr,  # int64: p, g, m, v data_ptrs, numel, tensor seed (n_tensors each), work items
     n_tensors,
     scalars_ptr,  # float64 (n_tensors, N_COLUMNS): bound, sq_weight, started, s
     counts_ptr,  # int32 (n_tensors,): caution's count of u * g > 0
@@ -181,7 +208,6 @@ def adopt_kernel(
     decoupled_wd: tl.float64,  # decoupled decay (0 when off)
     grad_scale_ptr,  # GradScaler's scale (HAS_SCALE)
     found_inf_ptr,  # GradScaler's inf flag (HAS_INF): nonzero skips the step
-    seed,  # stochastic rounding
     P_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
     C_DTYPE: tl.constexpr,
@@ -189,10 +215,8 @@ def adopt_kernel(
     COUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    SCALE_G: tl.constexpr,  # MAXIMIZE or HAS_SCALE
     HAS_INF: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
-    SMALL_WEIGHT: tl.constexpr,
     NESTEROV: tl.constexpr,
     CAUTION: tl.constexpr,
     COUNT_ONLY: tl.constexpr,
@@ -201,7 +225,7 @@ def adopt_kernel(
     CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    item = tl.load(table_ptr + 5 * n_tensors + pid)
+    item = tl.load(table_ptr + 6 * n_tensors + pid)
     tid = item >> 32
     start = (item & 0xFFFFFFFF) * CHUNK
     numel = tl.load(table_ptr + 4 * n_tensors + tid)
@@ -215,7 +239,7 @@ def adopt_kernel(
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
 
-    # Per-tensor scalars, held in float64 and cast to the compute dtype where used.
+    # Per-tensor scalars, held in float64 and rounded once to the compute dtype.
     row = scalars_ptr + tid * 4
     bound = tl.load(row).to(C_DTYPE)
     sq_weight = tl.load(row + 1).to(C_DTYPE)
@@ -224,21 +248,14 @@ def adopt_kernel(
     lr64 = tl.full((), lr, tl.float64)
     if LR_ON_DEVICE:
         lr64 = tl.load(lr_ptr).to(tl.float64)
-    decay = (1.0 - started * (lr64 * decoupled_wd)).to(C_DTYPE)
-    gmul = 1.0  # what g is multiplied by: 1/grad_scale, negated for maximize
+    decay = (1.0 - started * (lr64 * decoupled_wd)).to(C_DTYPE)  # call_scalars' decay
+    g_scale = tl.full((), 1.0, C_DTYPE)
     if HAS_SCALE:
-        inv_scale = 1.0 / tl.load(grad_scale_ptr).to(tl.float64)
-        if MAXIMIZE:
-            inv_scale = -inv_scale
-        gmul = inv_scale.to(C_DTYPE)
-    elif MAXIMIZE:
-        gmul = -1.0
-    # Scalar arguments cast here, not in a helper: the interpreter passes them as Python
-    # floats, which a helper's call would round to float32 (full rounds once, from float64).
+        g_scale = tl.load(grad_scale_ptr).to(C_DTYPE)
     wd = tl.full((), weight_decay, C_DTYPE)
     w1 = tl.full((), 1.0 - beta1, C_DTYPE)
     b1 = tl.full((), beta1, C_DTYPE)
-    lr_c = tl.full((), lr64, C_DTYPE)
+    lr_c = lr64.to(C_DTYPE)
     beta2_c = tl.full((), beta2, C_DTYPE)
     eps_c = tl.full((), eps, C_DTYPE)
 
@@ -248,39 +265,32 @@ def adopt_kernel(
     n_full = n_here // BLOCK
     has_tail = n_full * BLOCK < n_here
 
+    kept = tl.full((), 1.0, C_DTYPE)
+    if CAUTION and not COUNT_ONLY:  # max(count / numel, 1e-3) over the whole tensor
+        kept = tl.load(counts_ptr + tid).to(C_DTYPE) / numel.to(C_DTYPE)
+        kept = tl.where(kept < 1e-3, tl.full((), 1e-3, C_DTYPE), kept)
+    # This step's seed (adoptim.rng.step_seed): the tensor's seed and its call count.
+    step_seed = tl.full((), 0, tl.uint32)
+    if STOCHASTIC:
+        tseed = tl.load(table_ptr + 5 * n_tensors + tid).to(tl.uint32)
+        count_bits = tl.load(row + 3).to(tl.float32).to(tl.uint32, bitcast=True)
+        step_seed = _hash32(tseed ^ _hash32(count_bits ^ tl.full((), 0x85EBCA6B, tl.uint32)))
+    count = tl.full((), 0, tl.int32)
+    for i in range(0, n_full):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, g_scale, wd, decay,
+                              bound, eps_c, b1, w1, beta2_c, sq_weight, lr_c, kept, step_seed,
+                              P_DTYPE, S_DTYPE, C_DTYPE, HAS_SCALE, MAXIMIZE, COUPLED,
+                              NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC)
+    if has_tail:
+        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
+        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, g_scale, wd,
+                              decay, bound, eps_c, b1, w1, beta2_c, sq_weight, lr_c, kept,
+                              step_seed, P_DTYPE, S_DTYPE, C_DTYPE, HAS_SCALE, MAXIMIZE,
+                              COUPLED, NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC)
     if COUNT_ONLY:
-        count = tl.full((), 0, tl.int32)
-        for i in range(0, n_full):
-            offs = start + i * BLOCK + tl.arange(0, BLOCK)
-            count += _count_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, gmul, wd, bound,
-                                  w1, b1, eps_c, C_DTYPE, SCALE_G, COUPLED, SMALL_WEIGHT,
-                                  NESTEROV)
-        if has_tail:
-            offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
-            count += _count_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, gmul, wd,
-                                  bound, w1, b1, eps_c, C_DTYPE, SCALE_G, COUPLED,
-                                  SMALL_WEIGHT, NESTEROV)
         if n_here > 0:
             tl.atomic_add(counts_ptr + tid, count)
-    else:
-        caution_denom = 1.0
-        if CAUTION:  # max(mean(mask), 1e-3) over the whole tensor
-            frac = tl.load(counts_ptr + tid).to(C_DTYPE) / numel.to(C_DTYPE)
-            caution_denom = tl.maximum(frac, 1e-3)
-        # Seeded per tensor and call, so that each replay of a captured graph draws anew.
-        step_seed = seed + tid * 1000003 + tl.load(row + 3).to(tl.int64) * 7919
-        for i in range(0, n_full):
-            offs = start + i * BLOCK + tl.arange(0, BLOCK)
-            _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, gmul, wd, decay, bound,
-                          sq_weight, lr_c, w1, b1, beta2_c, eps_c, caution_denom, step_seed,
-                          P_DTYPE, S_DTYPE, C_DTYPE, SCALE_G, COUPLED, SMALL_WEIGHT,
-                          NESTEROV, CAUTION, STOCHASTIC)
-        if has_tail:
-            offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
-            _update_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, gmul, wd, decay,
-                          bound, sq_weight, lr_c, w1, b1, beta2_c, eps_c, caution_denom,
-                          step_seed, P_DTYPE, S_DTYPE, C_DTYPE, SCALE_G, COUPLED,
-                          SMALL_WEIGHT, NESTEROV, CAUTION, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])
@@ -328,75 +338,31 @@ def schedule_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# 8-bit state (state_dtype="8bit"; format: adoptim.formats.blockwise8; launcher: adoptim.kernels.triton.launch8)
+# Format 2: block-wise 8-bit moments (formats/blockwise8.py)
 #
 # adopt_8bit_kernel: one program per tile of ROWS blocks of 256 elements (the format's block)
 # of one tensor, as a (ROWS, 256) tile: theta and g, the int8 m codes and uint8 v codes and
-# the two scales per block are read once, the float32 update runs on the tile in registers,
-# each row's new scales are a max reduction along the row, and theta and the requantized
-# codes and scales are written once: 16 bytes of traffic per float32 parameter (plus 8 per
-# 256). The operations are those of the C++ 8-bit kernel (csrc/fused_adopt_8bit.cpp) and of
-# the for-loop path it reproduces (dequantize, _forloop.single_tensor_adopt, quantize), in
-# the same order: fused multiply-adds written out (tl.fma) exactly where torch's vectorised
-# CPU kernels use them (lerp, add with alpha, addcmul), and the kernel is compiled with
-# enable_fp_fusion=False so that no other product is contracted into an add (m * 127/A + u
-# must round twice, as in _quant.quantize_m). Division and square roots are the IEEE ones
-# (div_rn, sqrt_rn), as torch's and the C++ kernel's. The random numbers are _quant's: one
-# lowbias32 hash per (seed, block, stream), then a Weyl sequence over the block (_quant.WEYL:
-# frac(j * phi) in float64, rounded once to float32, computed once per program: exact in
-# float64, so the same table bit for bit), with the seed computed on the host from the
-# tensor's call count and size (_quant.state_seed).
+# the two scales per block are read once, _adopt_element runs on the tile in registers, each
+# row's new scales are a max reduction along the row, and theta and the requantized codes and
+# scales are written once: 16 bytes of traffic per float32 parameter (plus 8 per 256). The
+# format's load (dequantize) and store (requantize) are blockwise8's operations in its order
+# (m * 127/A + u must round twice: enable_fp_fusion=False), with IEEE division and square
+# roots (div_rn, sqrt_rn), and its random numbers (one lowbias32 hash per (seed, block,
+# stream), then the Weyl sequence over the block), the seed computed on the host by
+# adoptim.rng's rule. The float format's kernel walks 1-D chunks instead (its caution needs a
+# counting pass over the whole tensor, the 8-bit format a per-block reduction before it can
+# store), so the two formats have their own entry kernels around the one update.
 
 N_COLUMNS_8BIT = 4  # bound, sq_weight, decay, seed (a uint32, exact in float64)
 
 
 @triton.jit
-def _block_offsets(seed, block, stream):
-    """_quant.block_offsets: a uniform float32 in [0, 1) (24 bits) per block (uint32s)."""
-    golden = tl.full((), 0x9E3779B9, tl.uint32)  # typed constants: numpy (the interpreter)
-    k1 = tl.full((), 0x7FEB352D, tl.uint32)  # will not mix uint32 with int64
-    k2 = tl.full((), 0x846CA68B, tl.uint32)
-    three = tl.full((), 3, tl.uint32)
-    x = seed + (three * block + stream) * golden
-    x = x ^ (x >> 16)
-    x = x * k1
-    x = x ^ (x >> 15)
-    x = x * k2
-    x = x ^ (x >> 16)
-    return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
-
-
-@triton.jit
-def _param_out(theta, up, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """theta (float32) in the parameter's dtype: bfloat16 rounded to nearest even, or
-    stochastically with the 16 bits of the dither ``up`` (_lowbit.stochastic_round_bf16),
-    written out on the bits (the interpreter's float32 -> bfloat16 cast truncates); NaN
-    stays NaN. float16: the cast (round to nearest even)."""
-    if P_DTYPE == tl.bfloat16:
-        bits = theta.to(tl.uint32, bitcast=True)
-        exp_mask = tl.full((), 0x7F800000, tl.uint32)
-        quiet = tl.full((), 0x0040, tl.uint32)
-        if STOCHASTIC:
-            rounded = bits + (up * 65536.0).to(tl.uint32)
-            # next to the largest finite bf16 a round-up could reach inf: truncate instead
-            overflow = ((rounded & exp_mask) == exp_mask) & ((bits & exp_mask) != exp_mask)
-            rounded = tl.where(overflow, bits, rounded)
-        else:
-            lsb = (bits >> 16) & tl.full((), 1, tl.uint32)
-            rounded = bits + tl.full((), 0x7FFF, tl.uint32) + lsb
-        top = tl.where(theta != theta, (bits >> 16) | quiet, rounded >> 16)
-        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return theta.to(P_DTYPE)
-
-
-@triton.jit
 def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, mask,
-                      row_mask, w, seed, g_scale, wd, decay, bound, sq_weight, neg_lr, w1,
+                      row_mask, w, seed, g_scale, wd, decay, bound, sq_weight, lr, beta1, w1,
                       beta2, eps,
                       P_DTYPE: tl.constexpr, COUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, SMALL_WEIGHT: tl.constexpr,
-                      NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, NESTEROV: tl.constexpr,
+                      STOCHASTIC: tl.constexpr):
     """One tile: ``mask`` None for a tile inside the tensor (unmasked, so that aligned
     accesses are 128 bits wide); otherwise lanes past the end read 0 and write nothing."""
     if mask is None:
@@ -413,52 +379,33 @@ def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, m
         qv = tl.load(qv_ptr + offs, mask=mask, other=0).to(tl.float32)
         sm = tl.load(sm_ptr + blk, mask=row_mask, other=0.0)
         sv = tl.load(sv_ptr + blk, mask=row_mask, other=0.0)
-    # dequantize (_quant.dequantize_m / dequantize_v)
+    # dequantize (blockwise8.dequantize_m / dequantize_v)
     m_step = tl.div_rn(sm, tl.full((), 127.0, tl.float32))[:, None]
     s_step = tl.div_rn(sv, tl.full((), 65025.0, tl.float32))[:, None]
     s = (qv * qv) * s_step
-    v = s * s
-    # the float32 update (_forloop.single_tensor_adopt, in its order)
-    if HAS_SCALE:
-        g = tl.div_rn(g, g_scale)  # GradScaler: g / scale, as run_dequantized divides
-    if MAXIMIZE:
-        g = -g
-    if COUPLED:
-        g = tl.fma(theta, wd, g)  # g + wd * theta, as add(alpha=wd): enters v too
-    theta = theta * decay  # decoupled decay; exactly 1 when off or on the first call
-    denom = tl.sqrt_rn(v)
-    denom = tl.where(denom < eps, eps, denom)  # clamp(min=eps) as a select: NaN passes
-    n = tl.div_rn(g, denom)
-    n = tl.where(n < -bound, -bound, n)  # clip to [-c_t, c_t]; c_t = 0 on the first call
-    n = tl.where(n > bound, bound, n)
-    m = qm * m_step
-    # m = lerp(m, n, 1 - beta1), as torch's vectorised lerp computes it (one fma)
-    if SMALL_WEIGHT:
-        m = tl.fma(w1, n - m, m)
-    else:
-        m = tl.fma(w1 - 1.0, n - m, n)
-    u = m
-    if NESTEROV:  # u = lerp(m, n, 1 - beta1) with the new m: one momentum step ahead
-        if SMALL_WEIGHT:
-            u = tl.fma(w1, n - m, m)
-        else:
-            u = tl.fma(w1 - 1.0, n - m, n)
-    theta = tl.fma(u, neg_lr, theta)  # theta - lr * u, as add_(u, alpha=-lr)
-    v = tl.fma(sq_weight * g, g, v * beta2)  # beta2 * v + w * g * g, as mul_ + addcmul_
+    g, theta, m, v, u = _adopt_element(g, theta, qm * m_step, s * s, g_scale, wd, decay, bound,
+                                       eps, beta1, w1, beta2, sq_weight, HAS_SCALE, MAXIMIZE,
+                                       COUPLED, NESTEROV)
+    theta = theta - lr * u
     if mask is not None:
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    # the new scales: largest |m| and largest sqrt(v) per block (NaN-ignoring max; the
-    # interpreter reduces with numpy for this combine function, not element by element)
+    # the new scales: largest |m| and largest sqrt(v) per block, NaN propagating as torch's
+    # amax on the other paths (the interpreter reduces with numpy for this combine function,
+    # not element by element, and that max skips NaN: NaNs are counted apart)
     amax = tl.reduce(tl.abs(m), 1, tl.standard._elementwise_max)
-    smax = tl.sqrt_rn(tl.reduce(v, 1, tl.standard._elementwise_max))
+    vmax = tl.reduce(v, 1, tl.standard._elementwise_max)
+    nan_m = tl.reduce((m != m).to(tl.int32), 1, tl.standard._elementwise_max)
+    nan_v = tl.reduce((v != v).to(tl.int32), 1, tl.standard._elementwise_max)
+    amax = tl.where(nan_m > 0, float("nan"), amax)
+    smax = tl.sqrt_rn(tl.where(nan_v > 0, float("nan"), vmax))
     if mask is None:
         tl.store(sm_ptr + blk, amax)
         tl.store(sv_ptr + blk, smax)
     else:
         tl.store(sm_ptr + blk, amax, mask=row_mask)
         tl.store(sv_ptr + blk, smax, mask=row_mask)
-    # requantize (_quant.quantize_m / quantize_v): divisions by a nonzero divisor only
+    # requantize (blockwise8.quantize_m / quantize_v): divisions by a nonzero divisor only
     m_inv = tl.where(amax > 0, tl.div_rn(tl.full((), 127.0, tl.float32),
                                          tl.where(amax > 0, amax, 1.0)), 0.0)[:, None]
     v_inv = tl.where(smax > 0, tl.div_rn(tl.full((), 65025.0, tl.float32),
@@ -470,6 +417,7 @@ def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, m
     ym = tl.floor(m * m_inv + um)  # rounded product, then + u: no fma (fp fusion off)
     ym = tl.where(ym < -127.0, -127.0, ym)
     ym = tl.where(ym > 127.0, 127.0, ym)
+    ym = tl.where(ym != ym, 0.0, ym)  # NaN (its block's scale is NaN): code 0
     lo = tl.floor(tl.sqrt_rn(tl.sqrt_rn(v) * v_inv))  # 255 * sqrt(sqrt(v) / S)
     lo = tl.where(lo > 254.0, 254.0, lo)
     hi = lo + 1.0
@@ -482,11 +430,12 @@ def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, m
     # up with probability (v - v_lo) / (v_hi - v_lo): unbiased in v
     qf = tl.where(uv * (v_hi - v_lo) < v - v_lo, hi, lo)
     qf = tl.where((v > 0) & (qf < 1.0), 1.0, qf)  # no zero code for a nonzero v
+    qf = tl.where(qf != qf, 0.0, qf)  # NaN: code 0
     up = w
     if STOCHASTIC:
         up = _block_offsets(seed, block, tl.full((), 2, tl.uint32))[:, None] + w
         up = tl.where(up >= 1.0, up - 1.0, up)
-    theta_out = _param_out(theta, up, P_DTYPE, STOCHASTIC)
+    theta_out = _round_to(theta, up, P_DTYPE, STOCHASTIC)
     if mask is None:
         tl.store(p_ptr + offs, theta_out)
         tl.store(qm_ptr + offs, ym.to(tl.int8))
@@ -514,7 +463,6 @@ def adopt_8bit_kernel(
     COUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    SMALL_WEIGHT: tl.constexpr,
     NESTEROV: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     ROWS: tl.constexpr,  # blocks of 256 per program
@@ -543,30 +491,27 @@ def adopt_8bit_kernel(
     sq_weight = tl.load(row + 1).to(tl.float32)
     decay = tl.load(row + 2).to(tl.float32)
     seed = tl.load(row + 3).to(tl.int64).to(tl.uint32)
-    g_scale = 1.0  # GradScaler's scale: g is divided by it
+    g_scale = tl.full((), 1.0, tl.float32)  # GradScaler's scale: g is divided by it
     if HAS_SCALE:
         g_scale = tl.load(grad_scale_ptr).to(tl.float32)
     # Scalar arguments cast here, not in a helper: the interpreter passes them as Python
     # floats, which a helper's call would round to float32 (full rounds once, from float64).
     wd = tl.full((), weight_decay, tl.float32)
+    b1 = tl.full((), beta1, tl.float32)
     w1 = tl.full((), 1.0 - beta1, tl.float32)
-    neg_lr = -tl.full((), lr, tl.float32)
+    lr_c = tl.full((), lr, tl.float32)
     beta2_c = tl.full((), beta2, tl.float32)
     eps_c = tl.full((), eps, tl.float32)
 
-    # _quant.WEYL: frac(j * phi), phi = (sqrt(5) - 1) / 2, in float64 (a product and a
-    # subtraction, both exact to the float64 result Python computes), rounded once
-    jphi = tl.arange(0, 256).to(tl.float64) * tl.full((), 0.6180339887498949, tl.float64)
-    w = (jphi - tl.floor(jphi)).to(tl.float32)[None, :]
+    w = _weyl(tl.arange(0, 256))[None, :]
     blk = tile * ROWS + tl.arange(0, ROWS)
     offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
     if (tile + 1) * (ROWS * 256) <= numel:
         _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, None, None,
-                          w, seed, g_scale, wd, decay, bound, sq_weight, neg_lr, w1, beta2_c,
-                          eps_c, P_DTYPE, COUPLED, MAXIMIZE, HAS_SCALE, SMALL_WEIGHT,
-                          NESTEROV, STOCHASTIC)
+                          w, seed, g_scale, wd, decay, bound, sq_weight, lr_c, b1, w1, beta2_c,
+                          eps_c, P_DTYPE, COUPLED, MAXIMIZE, HAS_SCALE, NESTEROV, STOCHASTIC)
     else:
         _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk,
                           offs < numel, blk * 256 < numel, w, seed, g_scale, wd, decay,
-                          bound, sq_weight, neg_lr, w1, beta2_c, eps_c, P_DTYPE, COUPLED,
-                          MAXIMIZE, HAS_SCALE, SMALL_WEIGHT, NESTEROV, STOCHASTIC)
+                          bound, sq_weight, lr_c, b1, w1, beta2_c, eps_c, P_DTYPE, COUPLED,
+                          MAXIMIZE, HAS_SCALE, NESTEROV, STOCHASTIC)

@@ -30,9 +30,7 @@ imports it only when a Triton step runs.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +38,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim._utils import KERNEL_DTYPES as SUPPORTED_DTYPES
 from adoptim._utils import is_compiling
+from adoptim.kernels.triton.common import (
+    COMPILE_OPTIONS,
+    INSTALL_HINT,
+    compile_failed,
+    triton_installed,
+)
+from adoptim.kernels.triton.common import interpreting as _interpreting
+from adoptim.kernels.triton.common import jit as _jit
+from adoptim.kernels.triton.common import local as _local
+from adoptim.kernels.triton.common import tl_dtype as _tl_dtype
+from adoptim.kernels.triton.common import to_device as _to_device
 from adoptim.schedule import call_scalars
 
 __all__ = [
@@ -60,7 +70,6 @@ BACKEND_ENV = "ADOPTIM_FUSED_BACKEND"
 # scripts/gpu_check.sh on a real GPU; fused=True is an explicit choice until then.
 DEFAULT_ON_CUDA = False
 GPU_DEVICE_TYPES = ("cuda",)  # ROCm builds of torch name their devices "cuda" too
-INSTALL_HINT = "pip install 'adoptim[gpu]' (or pip install triton)"
 
 _REAL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -89,15 +98,6 @@ class LaunchConfig:
 
 
 CONFIG = LaunchConfig()
-
-
-def triton_installed() -> bool:
-    """Whether triton can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
 def _backend_is_triton() -> bool:
@@ -191,13 +191,6 @@ def unsupported_reason(
     return None
 
 
-def _jit():
-    """The kernels module (imports triton)."""
-    from adoptim.kernels.triton import jit as _triton_jit
-
-    return _triton_jit
-
-
 # --------------------------------------------------------------------------------------------
 # Tables
 
@@ -205,7 +198,8 @@ def _jit():
 class _Layout:
     """What a group of tensors needs on the device, built once per set of addresses.
 
-    ``table``: int64 data_ptrs of p, g, m, v, then the sizes, then one work item per chunk
+    ``table``: int64 data_ptrs of p, g, m, v, then the sizes, the tensors' seeds (for
+    stochastic rounding; :mod:`adoptim.rng`), then one work item per chunk
     (``tensor << 32 | chunk``); ``steps``: data_ptrs of the step counts (device schedule);
     ``scalars``/``counts``: per-tensor buffers the kernels write and read within a step.
     """
@@ -229,22 +223,14 @@ _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
 _MAX_LAYOUTS = 64
 
 
-def _to_device(host: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """``host`` on ``device``, copied without a sync; also returns the pinned source, which
-    a CUDA graph that captured the copy reads again at every replay (kept alive)."""
-    if device.type == "cpu":
-        return host, None
-    pinned = host.pin_memory()
-    return pinned.to(device, non_blocking=True), pinned
-
-
-def _layout(device, bucket, steps, chunk) -> _Layout:
+def _layout(device, bucket, steps, chunk, tseeds) -> _Layout:
     key = (
         device,
         chunk,
         tuple(bucket.ptrs),
         tuple(bucket.numels),
         None if steps is None else tuple([s.data_ptr() for s in steps]),
+        tseeds,
     )
     layout = _layouts.get(key)
     if layout is not None:
@@ -252,7 +238,8 @@ def _layout(device, bucket, steps, chunk) -> _Layout:
         return layout
     n = len(bucket.numels)
     ptrs = bucket.ptrs  # p, g, m, v of tensor 0, then of tensor 1, ...
-    host = [ptrs[0::4], ptrs[1::4], ptrs[2::4], ptrs[3::4], list(bucket.numels)]
+    seeds = list(tseeds) if tseeds is not None else [0] * n  # adoptim.rng.tensor_seed
+    host = [ptrs[0::4], ptrs[1::4], ptrs[2::4], ptrs[3::4], list(bucket.numels), seeds]
     items = []
     for k, numel in enumerate(bucket.numels):
         items.extend((k << 32) | c for c in range(-(-numel // chunk)))
@@ -283,23 +270,6 @@ def _layout(device, bucket, steps, chunk) -> _Layout:
 # The step
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (the update is elementwise: each rank updates its own)."""
-    if type(t) in (Tensor, torch.nn.Parameter):
-        return t
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _tl_dtype(tl, dtype: torch.dtype):
-    return {
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-        torch.bfloat16: tl.bfloat16,
-        torch.float16: tl.float16,
-    }[dtype]
-
-
 def _walkable(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
     if not (p.dtype in _REAL_DTYPES and g.dtype == p.dtype and m.dtype in _REAL_DTYPES):
         return False
@@ -328,28 +298,6 @@ _ready: set[tuple] = set()
 _warned: set[str] = set()
 
 
-def compile_failed(
-    message: str,
-    exc: Exception,
-    device: torch.device,
-    *,
-    strict: bool,
-    failed: dict[str, str],
-    warned: set[str],
-    fallback: str,
-    stacklevel: int,
-) -> None:
-    """A Triton kernel did not compile: under ``fused=True`` (``strict``) that is an error;
-    under the default, ``failed`` remembers the device type (its steps take the unfused path
-    from then on) and one warning per device type says so."""
-    if strict:
-        raise RuntimeError(message) from exc
-    failed[device.type] = message
-    if device.type not in warned:
-        warned.add(device.type)
-        warnings.warn(f"{message}\nadoptim {fallback} on {device.type}.", RuntimeWarning,
-                      stacklevel=stacklevel)  # fmt: skip
-
 # Tests set this to run the host-side schedule (what CUDA steps with host step counts do)
 # on CPU tensors too.
 _force_host_schedule = False
@@ -375,6 +323,8 @@ def triton_adopt(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     stochastic_rounding: bool = False,
+    seed: int = 0,
+    keys: list[int] | None = None,
     nesterov: bool = False,
     caution: bool = False,
     has_complex: bool = False,
@@ -489,6 +439,8 @@ def triton_adopt(
             grad_scale=grad_scale,
             found_inf=found_inf,
             stochastic=stochastic_rounding and key[1] == torch.bfloat16,
+            seed=seed,
+            keys=[i if keys is None else keys[i] for i in bucket.index],
             nesterov=nesterov,
             caution=caution,
         )
@@ -518,6 +470,8 @@ def _run_bucket(
     grad_scale,
     found_inf,
     stochastic,
+    seed,
+    keys,
     nesterov,
     caution,
 ) -> bool:
@@ -530,7 +484,8 @@ def _run_bucket(
         cfg = LaunchConfig(cfg.block, cfg.chunk, cfg.num_warps_amd, cfg.num_warps_amd,
                            cfg.schedule_block)  # fmt: skip
     n = len(bucket.index)
-    layout = _layout(device, bucket, None if hosted else steps, cfg.chunk)
+    tseeds = tuple(_rng.tensor_seed(seed, key) for key in keys) if stochastic else None
+    layout = _layout(device, bucket, None if hosted else steps, cfg.chunk, tseeds)
     dummy = layout.counts  # stands in for pointer arguments a variant does not use
 
     lr_ptr, lr_value = dummy, 0.0
@@ -558,17 +513,14 @@ def _run_bucket(
         COUPLED=weight_decay != 0 and not decouple,
         MAXIMIZE=bool(maximize),
         HAS_SCALE=grad_scale is not None,
-        SCALE_G=grad_scale is not None or bool(maximize),
         HAS_INF=found_inf is not None,
         LR_ON_DEVICE=lr_ptr is not dummy,
-        SMALL_WEIGHT=(1.0 - beta1) < 0.5,
         NESTEROV=bool(nesterov),
         CAUTION=bool(caution),
         STOCHASTIC=bool(stochastic),
         BLOCK=cfg.block,
         CHUNK=cfg.chunk,
     )
-    seed = int(torch.randint(0, 2**62, ())) if stochastic else 0
     update_args = (
         layout.table,
         n,
@@ -583,7 +535,6 @@ def _run_bucket(
         float(weight_decay) if decouple else 0.0,
         dummy if grad_scale is None else grad_scale,
         dummy if found_inf is None else found_inf,
-        seed,
     )
     schedule_constexprs = dict(
         CLIP=clip_mode,
@@ -617,7 +568,7 @@ def _run_bucket(
                 for count_only in ([True, False] if caution else [False]):
                     jit.adopt_kernel.warmup(
                         *update_args, grid=grid, COUNT_ONLY=count_only,
-                        num_warps=cfg.num_warps, **constexprs
+                        num_warps=cfg.num_warps, **COMPILE_OPTIONS, **constexprs
                     )
                 if not hosted:
                     jit.schedule_kernel.warmup(
@@ -663,260 +614,15 @@ def _run_bucket(
         if layout.n_items:
             if caution:
                 jit.adopt_kernel[grid](
-                    *update_args, COUNT_ONLY=True, num_warps=cfg.num_warps, **constexprs
+                    *update_args, COUNT_ONLY=True, num_warps=cfg.num_warps,
+                    **COMPILE_OPTIONS, **constexprs,
                 )
             jit.adopt_kernel[grid](
-                *update_args, COUNT_ONLY=False, num_warps=cfg.num_warps, **constexprs
+                *update_args, COUNT_ONLY=False, num_warps=cfg.num_warps,
+                **COMPILE_OPTIONS, **constexprs,
             )
     if hosted:
         torch._foreach_add_(steps, 1.0)
     return True
 
 
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (``adoptim doctor --compile``, the PTX test)
-
-# (parameter dtype, state dtype) pairs the optimizer creates (state_dtype "auto"/"param").
-DTYPE_PAIRS = (
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-)
-# Parameter dtypes of the 8-bit kernel (complex64 runs as float32).
-EIGHT_BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SIG_NAMES = {
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.uint8: "8bit",  # s_dtype of the 8-bit kernel's variants
-}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One compiled form of a kernel: ``kind`` is "update", "count" (caution's first pass),
-    "schedule" or "update8" (the 8-bit kernel, ``s_dtype`` uint8; "all options" there:
-    coupled decay, maximize, GradScaler, nesterov); the flags are the kernel's constexprs."""
-
-    kind: str
-    p_dtype: torch.dtype = torch.float32
-    s_dtype: torch.dtype = torch.float32
-    options: bool = False  # coupled decay, maximize, GradScaler, tensor lr, nesterov, caution
-    stochastic: bool = False
-    clip: int = 1  # schedule kernel: 0 none, 1 power law, 2 given bounds
-
-    @property
-    def name(self) -> str:
-        if self.kind == "schedule":
-            return f"schedule(clip={('none', 'power', 'callable')[self.clip]})"
-        pair = f"{_SIG_NAMES[self.p_dtype]}/{_SIG_NAMES[self.s_dtype]}"
-        flags = (("all options", self.options), ("stochastic", self.stochastic))
-        extras = [x for x, on in flags if on]
-        kind = "update" if self.kind == "update8" else self.kind
-        return f"{kind}({pair}{', ' + ', '.join(extras) if extras else ''})"
-
-
-def variants() -> list[Variant]:
-    """Every variant worth compiling ahead of time: per dtype pair the plain update, the one
-    with every option on, caution's counting pass; stochastic rounding for bfloat16; the
-    schedule kernel per clip mode."""
-    out = []
-    for p_dtype, s_dtype in DTYPE_PAIRS:
-        out.append(Variant("update", p_dtype, s_dtype))
-        out.append(Variant("update", p_dtype, s_dtype, options=True))
-        out.append(Variant("count", p_dtype, s_dtype, options=True))
-        if p_dtype == torch.bfloat16:
-            out.append(Variant("update", p_dtype, s_dtype, stochastic=True))
-    out.extend(Variant("schedule", clip=clip) for clip in (0, 1, 2))
-    for p_dtype in EIGHT_BIT_DTYPES:  # the 8-bit kernel, the same choices
-        out.append(Variant("update8", p_dtype, torch.uint8))
-        out.append(Variant("update8", p_dtype, torch.uint8, options=True))
-        if p_dtype == torch.bfloat16:
-            out.append(Variant("update8", p_dtype, torch.uint8, stochastic=True))
-    return out
-
-
-def aot_compile(variant: Variant, target, cfg: LaunchConfig | None = None):
-    """Compile ``variant`` for ``target`` (a ``triton.backends.compiler.GPUTarget``) without a
-    GPU; returns Triton's compiled kernel (``.asm`` holds ``ttir``, ``ptx``/``amdgcn``...)."""
-    import triton
-    import triton.language as tl
-
-    if variant.kind == "update8":
-        from adoptim.kernels.triton import launch8 as _triton_lowbit
-
-        return _triton_lowbit.aot_compile(variant, target)
-    jit = _jit()
-    cfg = cfg or CONFIG
-    if variant.kind == "schedule":
-        signature = {
-            "steps_ptr": "*i64",
-            "n_tensors": "i32",
-            "scalars_ptr": "*fp64",
-            "counts_ptr": "*i32",
-            "bounds_ptr": "*fp64",
-            "found_inf_ptr": "*fp32",
-            "clip_exp": "fp64",
-            "beta2": "fp64",
-        }
-        constexprs = dict(CLIP=variant.clip, HAS_INF=True, CAUTION=True, BLOCK=cfg.schedule_block)
-        fn, num_warps = jit.schedule_kernel, 4
-    else:
-        on = variant.options
-        c_dtype = tl.float64 if torch.float64 in (variant.p_dtype, variant.s_dtype) else tl.float32
-        signature = {
-            "table_ptr": "*i64",
-            "n_tensors": "i32",
-            "scalars_ptr": "*fp64",
-            "counts_ptr": "*i32",
-            "lr_ptr": "*fp32",
-            "lr": "fp64",
-            "beta1": "fp64",
-            "beta2": "fp64",
-            "eps": "fp64",
-            "weight_decay": "fp64",
-            "decoupled_wd": "fp64",
-            "grad_scale_ptr": "*fp32",
-            "found_inf_ptr": "*fp32",
-            "seed": "i64",
-        }
-        constexprs = dict(
-            P_DTYPE=_tl_dtype(tl, variant.p_dtype),
-            S_DTYPE=_tl_dtype(tl, variant.s_dtype),
-            C_DTYPE=c_dtype,
-            ALIGNED=True,
-            COUPLED=on,
-            MAXIMIZE=on,
-            HAS_SCALE=on,
-            SCALE_G=on,
-            HAS_INF=on,
-            LR_ON_DEVICE=on,
-            SMALL_WEIGHT=False,
-            NESTEROV=on,
-            CAUTION=on or variant.kind == "count",
-            COUNT_ONLY=variant.kind == "count",
-            STOCHASTIC=variant.stochastic,
-            BLOCK=cfg.block,
-            CHUNK=cfg.chunk,
-        )
-        fn, num_warps = jit.adopt_kernel, cfg.num_warps
-        if target.backend == "hip":
-            num_warps = cfg.num_warps_amd
-    signature.update({name: "constexpr" for name in constexprs})
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=target, options={"num_warps": num_warps})
-
-
-def _global_accesses(
-    asm: str, isa: str, element_bytes: int
-) -> tuple[list[tuple[int, bool]], list[tuple[int, bool]]]:
-    """(bytes, is_vector) of each global load and store instruction in PTX or AMDGCN: PTX
-    vectors are ``.v2``/``.v4``; on AMD, accesses wider than the widest element (uniform
-    table reads are scalar ``s_load`` there)."""
-    import re
-
-    if isa == "ptx":
-        sizes = {"8": 1, "16": 2, "32": 4, "64": 8}
-        pattern = r"\b{op}\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](8|16|32|64)\b"
-        found = {}
-        for op in ("ld", "st"):
-            found[op] = [
-                (int(v or 1) * sizes[b], bool(v))
-                for v, b in re.findall(pattern.format(op=op), asm)
-            ]
-        return found["ld"], found["st"]
-    sizes = {"dwordx4": 16, "dwordx3": 12, "dwordx2": 8, "dword": 4, "short": 2, "ushort": 2,
-             "short_d16": 2, "short_d16_hi": 2, "b128": 16, "b96": 12, "b64": 8, "b32": 4,
-             "b16": 2, "u16": 2}  # fmt: skip
-    found = {}
-    for op in ("load", "store"):
-        names = re.findall(rf"\b(?:global|buffer)_{op}_(\w+)", asm)
-        found[op] = [(sizes[n], sizes[n] > element_bytes) for n in names if n in sizes]
-    return found["load"], found["store"]
-
-
-def access_summary(asm: dict, variant: Variant, cfg: LaunchConfig | None = None) -> dict:
-    """Global memory accesses of a compiled update/count kernel (``asm``: Triton's
-    ``compiled.asm``, PTX or AMDGCN): the widest load and store (bits) and, in the unmasked
-    full-block loop, loads and stores per element (1.0: each input element read once, each
-    output written once). Counted from the vector accesses' bytes (the masked tail and the
-    table reads are scalar) against one thread's share of a block of theta, g, m, v (theta,
-    m, v written)."""
-    cfg = cfg or CONFIG
-    block, warps, warps_amd = cfg.block, cfg.num_warps, cfg.num_warps_amd
-    if variant.kind == "update8":  # theta, g, m codes, v codes (the scales are per 256)
-        from adoptim.kernels.triton import launch8 as _triton_lowbit
-
-        cfg8 = _triton_lowbit.CONFIG
-        block, warps, warps_amd = cfg8.rows * 256, cfg8.num_warps, cfg8.num_warps_amd
-    if "ptx" in asm:
-        isa, warp = "ptx", 32
-    else:
-        isa, warp, warps = "amdgcn", 64, warps_amd
-    p_size = torch.empty((), dtype=variant.p_dtype).element_size()
-    s_size = torch.empty((), dtype=variant.s_dtype).element_size()
-    # (AMD: a vector is wider than the widest element, and the 8-bit kernel reads float32
-    # scales per block)
-    widest = max(p_size, 4 if variant.kind == "update8" else s_size)
-    loads, stores = _global_accesses(asm[isa], isa, widest)
-    per_thread = block // (warp * warps)
-    want_loaded = per_thread * (2 * p_size + 2 * s_size)
-    writes = variant.kind in ("update", "update8")
-    want_stored = per_thread * (p_size + 2 * s_size) if writes else 0
-    vec_loads = [b for b, vector in loads if vector]
-    vec_stores = [b for b, vector in stores if vector]
-    return {
-        "isa": isa,
-        "load_bits": 8 * max(vec_loads or [b for b, _ in loads] or [0]),
-        "store_bits": 8 * max(vec_stores or [b for b, _ in stores] or [0]),
-        "loads_per_element": sum(vec_loads) / want_loaded,
-        "stores_per_element": sum(vec_stores) / want_stored if want_stored else 0.0,
-        "vector_loads": len(vec_loads),
-        "vector_stores": len(vec_stores),
-    }
-
-
-def default_targets() -> list[tuple[str, Any]]:
-    """What ``adoptim doctor --compile`` compiles for: the local GPU, or without one sm_80,
-    sm_90 and AMD gfx942 (``(label, GPUTarget)`` pairs)."""
-    from triton.backends.compiler import GPUTarget
-
-    if torch.cuda.is_available():
-        import triton
-
-        target = triton.runtime.driver.active.get_current_target()
-        label = f"sm_{target.arch}" if target.backend == "cuda" else str(target.arch)
-        return [(label, target)]
-    return [
-        ("sm_80", GPUTarget("cuda", 80, 32)),
-        ("sm_90", GPUTarget("cuda", 90, 32)),
-        ("gfx942", GPUTarget("hip", "gfx942", 64)),
-    ]
-
-
-def compile_report(targets: list[tuple[str, Any]] | None = None) -> list[dict]:
-    """Compile every variant for every target; one record per (variant, target): outcome,
-    seconds, and for PTX the access summary. Needs a process where triton is not in
-    interpreter mode (the kernels are then compiled functions)."""
-    import time
-
-    records = []
-    for label, target in targets or default_targets():
-        for variant in variants():
-            record: dict[str, Any] = {"kernel": variant.name, "target": label}
-            start = time.perf_counter()
-            try:
-                compiled = aot_compile(variant, target)
-            except Exception as exc:  # noqa: BLE001 - reported per variant
-                record.update(ok=False, error=f"{type(exc).__name__}: {exc}".strip())
-            else:
-                record["ok"] = True
-                if variant.kind != "schedule":
-                    record.update(access_summary(compiled.asm, variant))
-            record["seconds"] = round(time.perf_counter() - start, 2)
-            records.append(record)
-    return records

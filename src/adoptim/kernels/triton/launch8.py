@@ -7,10 +7,10 @@ one program per tile of ``CONFIG.rows`` blocks of 256 elements (the format's blo
 tensor, found through a table of pointers, sizes and work items cached per layout (as for
 the float kernel). The kernel runs the float32 update of the for-loop path on each block and
 requantizes it with the format's random numbers (:mod:`adoptim.formats.blockwise8`), as the C++ 8-bit
-kernel does (``csrc/fused_adopt_8bit.cpp``).
+kernel does (``csrc/fused_adopt.cpp``).
 
 The per-tensor scalars (clip bound, weight of g*g, decoupled decay) and each tensor's
-rounding seed (:func:`adoptim.formats.blockwise8.state_seed`, from its call count and size) are computed
+rounding seed (:func:`adoptim.formats.blockwise8.state_seed`, from the seed, its key and its call count) are computed
 on the host, as on the other 8-bit paths: 8-bit state keeps its step counts on the host
 (``capturable=True`` is refused), so this costs no device read; they are copied to the device
 with the step (one small pinned copy per group), and the counts are advanced on the host.
@@ -28,7 +28,6 @@ bfloat16, float16, complex64 as a real view).
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adoptim import rng as _rng
 from adoptim._utils import view_as_real_if_complex
 from adoptim.formats import blockwise8 as _quant
-from adoptim.kernels.triton import launch as _triton_kernel
+from adoptim.kernels.triton import common as _common
+from adoptim.kernels.triton.common import COMPILE_OPTIONS
 from adoptim.schedule import call_scalars
 
-__all__ = ["CONFIG", "LaunchConfig8", "aot_compile", "triton_adopt_8bit"]
+__all__ = ["CONFIG", "KERNEL_DTYPES", "LaunchConfig8", "triton_adopt_8bit"]
 
 #: parameter dtypes the kernel takes (complex64 as its float32 real view)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,10 +60,6 @@ class LaunchConfig8:
 
 
 CONFIG = LaunchConfig8()
-
-# What the kernel's launches and compiles pass to Triton besides the constexprs: no
-# contraction of a product and an add into an fma other than those written out (tl.fma).
-COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 class _Layout:
@@ -94,7 +91,7 @@ def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int)
     host = torch.tensor([x for column in columns for x in column] + list(numels) + items,
                         dtype=torch.int64)  # fmt: skip
     layout = _Layout()
-    layout.table, pinned = _triton_kernel._to_device(host, device)
+    layout.table, pinned = _common.to_device(host, device)
     layout.keep = [pinned]
     layout.n_items = len(items)
     layout.scalars = torch.empty((len(numels), 4), dtype=torch.float64, device=device)
@@ -104,20 +101,14 @@ def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int)
     return layout
 
 
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 (as the kernel and torch's lerp receive 1 - beta1)."""
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def _constexprs(tl, p_dtype, *, aligned, coupled, maximize, has_scale, small_weight, nesterov,
-                stochastic, rows) -> dict[str, Any]:  # fmt: skip
+def _constexprs(tl, p_dtype, *, aligned, coupled, maximize, has_scale, nesterov, stochastic,
+                rows) -> dict[str, Any]:  # fmt: skip
     return dict(
-        P_DTYPE=_triton_kernel._tl_dtype(tl, p_dtype),
+        P_DTYPE=_common.tl_dtype(tl, p_dtype),
         ALIGNED=aligned,
         COUPLED=coupled,
         MAXIMIZE=maximize,
         HAS_SCALE=has_scale,
-        SMALL_WEIGHT=small_weight,
         NESTEROV=nesterov,
         STOCHASTIC=stochastic,
         ROWS=rows,
@@ -148,6 +139,8 @@ def triton_adopt_8bit(
     maximize: bool,
     nesterov: bool = False,
     caution: bool = False,
+    seed: int = 0,
+    keys: list[int] | None = None,
     **other: Any,
 ) -> list[int]:
     """Step the tensors ``index`` (plain tensors: the caller hands DTensors' local shards)
@@ -157,13 +150,13 @@ def triton_adopt_8bit(
     del other  # scalars_as_tensors, has_complex: per tensor here, scalars on the host
     if caution or not index:
         return list(index)
-    if not _triton_kernel.triton_installed():
+    if not _common.triton_installed():
         if strict:
             raise RuntimeError(
-                f"fused=True on GPUs needs Triton, not installed: {_triton_kernel.INSTALL_HINT}"
+                f"fused=True on GPUs needs Triton, not installed: {_common.INSTALL_HINT}"
             )
         return list(index)
-    jit = _triton_kernel._jit()
+    jit = _common.jit()
     lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
     buckets: dict[tuple, list] = {}  # key -> [indices, ptrs, numels]
@@ -210,6 +203,7 @@ def triton_adopt_8bit(
             grad_scale=grad_scale, stochastic=stochastic_rounding and key[1] == torch.bfloat16,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_exp=clip_exp, clip_fn=clip_fn,
             weight_decay=weight_decay, decouple=decouple, maximize=maximize, nesterov=nesterov,
+            tseeds=[_rng.tensor_seed(seed, i if keys is None else keys[i]) for i in idx],
         )  # fmt: skip
         if not ok:
             aside.extend(idx)
@@ -219,7 +213,7 @@ def triton_adopt_8bit(
 
 def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stochastic, lr,
                 beta1, beta2, eps, clip_exp, clip_fn, weight_decay, decouple, maximize,
-                nesterov) -> bool:  # fmt: skip
+                nesterov, tseeds) -> bool:  # fmt: skip
     """Launch the kernel for one bucket; False if it could not be compiled (non-strict)."""
     import triton.language as tl
 
@@ -234,7 +228,7 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
         steps, as_tensors=False, lr=lr, beta2=beta2,
         weight_decay=weight_decay if decouple else 0.0, clip_exp=clip_exp, clip_fn=clip_fn,
     )  # fmt: skip
-    seeds = [float(_quant.state_seed(c, n)) for c, n in zip(counts, numels)]
+    seeds = [float(_quant.state_seed(c, t)) for c, t in zip(counts, tseeds)]
     rows = torch.tensor([bounds, sq_weights, decays, seeds], dtype=torch.float64)
     if grad_scale is not None and grad_scale.device != device:
         grad_scale = grad_scale.to(device, non_blocking=True)
@@ -242,8 +236,8 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
     coupled = weight_decay != 0 and not decouple
     constexprs = _constexprs(
         tl, p_dtype, aligned=aligned, coupled=coupled, maximize=bool(maximize),
-        has_scale=grad_scale is not None, small_weight=_f32(1.0 - beta1) < 0.5,
-        nesterov=bool(nesterov), stochastic=stochastic, rows=cfg.rows,
+        has_scale=grad_scale is not None, nesterov=bool(nesterov), stochastic=stochastic,
+        rows=cfg.rows,
     )  # fmt: skip
     args = (
         layout.table,
@@ -260,7 +254,7 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         variant = (device.type, device.index, tuple(sorted(constexprs.items(), key=str)))
-        if variant not in _ready and not _triton_kernel._interpreting():
+        if variant not in _ready and not _common.interpreting():
             # Compile before anything runs, so that a failure leaves the step undone (the
             # fallback then takes the whole step, step counts included).
             try:
@@ -271,13 +265,13 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
                     f"the Triton ADOPT 8-bit kernel failed to compile for {device} "
                     f"(parameters {p_dtype}): {type(exc).__name__}: {exc}"
                 )
-                _triton_kernel.compile_failed(
+                _common.compile_failed(
                     message, exc, device, strict=strict, failed=_failed, warned=_warned,
                     fallback="runs the 8-bit tensors on the foreach path", stacklevel=6,
                 )
                 return False
             _ready.add(variant)
-        table, pinned = _triton_kernel._to_device(rows.T.contiguous(), device)
+        table, pinned = _common.to_device(rows.T.contiguous(), device)
         layout.scalars.copy_(table)
         if layout.n_items:
             jit.adopt_8bit_kernel[grid](*args, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -285,39 +279,3 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
         del pinned  # (the caching host allocator keeps it until the copy is done)
     torch._foreach_add_(steps, 1.0)
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (``adoptim doctor --compile``, the PTX/AMDGCN tests)
-
-
-def aot_compile(variant, target, cfg: LaunchConfig8 | None = None):
-    """Compile an ``update8`` :class:`adoptim.kernels.triton.launch.Variant` for ``target`` without
-    a GPU; returns Triton's compiled kernel."""
-    import triton
-    import triton.language as tl
-
-    jit = _triton_kernel._jit()
-    cfg = cfg or CONFIG
-    on = variant.options
-    signature = {
-        "table_ptr": "*i64",
-        "n_tensors": "i32",
-        "scalars_ptr": "*fp64",
-        "grad_scale_ptr": "*fp32",
-        "lr": "fp64",
-        "beta1": "fp64",
-        "beta2": "fp64",
-        "eps": "fp64",
-        "weight_decay": "fp64",
-    }
-    constexprs = _constexprs(
-        tl, variant.p_dtype, aligned=True, coupled=on, maximize=on, has_scale=on,
-        small_weight=False, nesterov=on, stochastic=variant.stochastic, rows=cfg.rows,
-    )  # fmt: skip
-    signature.update({name: "constexpr" for name in constexprs})
-    num_warps = cfg.num_warps_amd if target.backend == "hip" else cfg.num_warps
-    source = triton.compiler.ASTSource(fn=jit.adopt_8bit_kernel, signature=signature,
-                                       constexprs=constexprs)  # fmt: skip
-    return triton.compile(source, target=target,
-                          options={"num_warps": num_warps, **COMPILE_OPTIONS})  # fmt: skip

@@ -1,22 +1,45 @@
-// Single-pass ADOPT step for CPU tensors (adoptim's fused=True path).
+// The fused ADOPT step for CPU tensors (adoptim's fused=True path), for every state format.
 //
-// One op, adoptim::fused_adopt_, updates a list of parameters and their two moment buffers in
-// one read and one write of each element: 4 loads (theta, g, m, v) and 3 stores (theta, m, v),
-// the 28 bytes/param that the benchmark counts (caution=True adds a counting pass that reads
-// them once more). The per-tensor scalars (clip bound, weight of g*g in v, decoupled-decay
-// factor) come from Python, computed by the same code as the other paths
-// (adoptim.schedule.call_scalars), so the schedule lives in one place. The update follows
-// the for-loop path's operations in its order, so that the two agree to float32 rounding.
+// Two ops share this file: adoptim::fused_adopt_ (moments stored as floats: float32, or the
+// parameter's dtype) and adoptim::fused_adopt_8bit_ (moments stored as block-wise 8-bit
+// codes, format: adoptim/formats/blockwise8.py). The per-element update is written once,
+// `adopt_element` below; a format supplies only how an element's m and v are loaded and
+// stored (FloatFormat: plain loads and stores; Blockwise8: dequantize, and requantize per
+// block of 256 with the block's new scales), and how the work is walked.
 //
-// Work is split over the *concatenation* of all tensors, not tensor by tensor: one
-// at::parallel_for over the total element count, each thread walking the tensors its range
-// covers. Models with thousands of small tensors then cost one parallel region per step, not
-// one per tensor. at::parallel_for is inline OpenMP, so this file is built with -fopenmp
-// (without it the pragma is ignored and everything runs on one thread).
+// Arithmetic: the reference's (adoptim/update.py, the for-loop and foreach paths), one IEEE
+// operation at a time: every host scalar rounded once to the compute type C (float, or
+// double for float64 parameters), no fused multiply-add (this file is built with
+// -ffp-contract=off and writes none), IEEE division and correctly rounded sqrt, so every
+// path computes the same bits. Per element, in order:
+//
+//    g = grad / scale (GradScaler) ; g = -g (maximize)
+//    g = g + theta * wd              (coupled decay)
+//    theta = theta * decay           (decoupled decay; 1 when off and on a tensor's 1st call)
+//    d = sqrt(v) ; d = eps where d < eps
+//    n = g / d ; n clipped to [-bound, bound]   (bound 0 on the first call, inf: no clip)
+//    m = m * beta1 + n * w1          (w1 = 1 - beta1 computed in double)
+//    u = m, or with nesterov u = m * beta1 + n * w1 with the new m
+//    caution: u = (u * mask) / kept, mask = [u * g > 0], kept = max(count / numel, 1e-3)
+//    theta = theta - lr * u
+//    v = v * beta2 + (g * g) * sq_weight
+//
+// max/min/clamp are selects written `x < lo ? lo : x`, so a NaN passes through (as
+// torch.clamp lets it), and the loops have no branches, so they vectorise: the choices that
+// are the same for every element (coupled decay; whether the gradient is divided by a scale
+// or multiplied by +-1 or by a power of two, which is the same value; nesterov; caution) are
+// template parameters (GCC does not if-convert a select on a runtime flag here).
+//
+// Random numbers (bfloat16 stochastic rounding, the 8-bit codes' rounding) are counter-based,
+// the rule of adoptim/rng.py: a tensor's seed for a step is a hash of (the user's seed, the
+// tensor's key, its call count before the step), and element j's uniform number is
+// frac(block_offset(seed, j / 256, stream) + weyl[j % 256]); nothing depends on which tensors
+// share a call or how the work is split between threads.
 //
 // The headers are kept small on purpose (no torch/extension.h, no pybind11, no
-// ATen/cpu/vec): building takes a few seconds instead of ~40 s, and the inner loop is plain
-// C++ that GCC/Clang vectorise at -O3 (built with -mavx2 -mfma where the CPU has them).
+// ATen/cpu/vec): building takes seconds, and the inner loops are plain C++ that GCC/Clang
+// vectorise at -O3 (-mavx2 -mfma, or AVX-512, where the CPU has them). at::parallel_for is
+// inline OpenMP, so this file is built with -fopenmp.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,282 +49,606 @@
 
 #include <algorithm>
 #include <atomic>
-#include <initializer_list>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-struct Hyper {
-  // Held in double and cast to the compute type where used, as torch casts Python scalars.
-  double lr, beta1_weight, beta2, eps, coupled_wd, grad_mul;
-  bool coupled;
-  bool stochastic;
-  uint64_t seed;
-  bool nesterov, caution;
-};
+// ------------------------------------------------------------------------------------------
+// Counter-based random numbers (adoptim/rng.py and adoptim/formats/blockwise8.py)
 
-// Counter-based random bits: the same seed and element index give the same bits however
-// the work is split between threads.
-inline uint32_t hash_bits(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+constexpr int64_t kBlock = 256;
+constexpr uint32_t kStreamM = 0, kStreamV = 1, kStreamParam = 2;
+
+inline uint32_t hash32(uint32_t x) {  // lowbias32 (C. Wellons)
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
 }
 
+inline uint32_t f32_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+// rng.tensor_seed: the user's seed (64 bits) and the tensor's key, mixed once.
+inline uint32_t tensor_seed(uint64_t seed, uint64_t key) {
+  uint32_t x = hash32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+  x = hash32(x ^ static_cast<uint32_t>(seed >> 32));
+  return hash32(x ^ static_cast<uint32_t>(key));
+}
+
+// rng.step_seed: a tensor's seed for the step, from its call count before the step.
+inline uint32_t step_seed(uint32_t tseed, float count) {
+  return hash32(tseed ^ hash32(f32_bits(count) ^ 0x85EBCA6Bu));
+}
+
+// One uniform offset in [0, 1) per (seed, block, stream), 24 random bits.
+inline float block_offset(uint32_t seed, uint32_t block, uint32_t stream) {
+  const uint32_t x = hash32(seed + (3u * block + stream) * 0x9E3779B9u);
+  return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+}
+
+// frac(j * phi) for j in a block, phi = (sqrt(5) - 1) / 2, computed in double, rounded once.
+struct Weyl {
+  float w[kBlock];
+  Weyl() {
+    const double phi = (std::sqrt(5.0) - 1.0) / 2.0;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      w[j] = static_cast<float>(std::fmod(static_cast<double>(j) * phi, 1.0));
+    }
+  }
+};
+const Weyl kWeyl;
+
+inline float frac_sum(float u0, float w) {  // frac(u0 + w), both in [0, 1)
+  const float u = u0 + w;
+  return u >= 1.0f ? u - 1.0f : u;
+}
+
+// ------------------------------------------------------------------------------------------
+// The parameter's store: round to nearest even, or for bfloat16 stochastically
+
 template <typename P, typename C>
-inline P round_param(C x, const Hyper&, uint64_t) {
+inline P round_param(C x, bool, float) {
   return static_cast<P>(x);  // float/double: plain store; Half: round to nearest even
 }
 
+// Stochastic rounding: add 16 uniform random bits (from the dither u) below bfloat16's last
+// mantissa bit and truncate, so E[result] = x and updates below half an ulp still move the
+// parameter on average (formats/blockwise8.py: stochastic_round_bf16).
 template <>
-inline c10::BFloat16 round_param<c10::BFloat16, float>(float x, const Hyper& h, uint64_t index) {
-  if (!h.stochastic || std::isnan(x)) {
+inline c10::BFloat16 round_param<c10::BFloat16, float>(float x, bool stochastic, float u) {
+  if (!stochastic || std::isnan(x)) {
     return c10::BFloat16(x);  // round to nearest even
   }
-  // Stochastic rounding: add uniform random bits below bf16's last mantissa bit and truncate,
-  // so E[result] = x and updates smaller than half an ulp still move the parameter on average.
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  uint32_t rounded = bits + (hash_bits(h.seed, index) & 0xFFFFu);
+  const uint32_t bits = f32_bits(x);
+  uint32_t rounded = bits + static_cast<uint32_t>(static_cast<int32_t>(u * 65536.0f));
   if ((rounded & 0x7F800000u) == 0x7F800000u && (bits & 0x7F800000u) != 0x7F800000u) {
-    rounded = bits;  // would overflow to inf: fall back to truncation toward zero
+    rounded = bits;  // would overflow to inf: truncate toward zero instead
   }
   return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// One element of the ADOPT update, shared by the update pass and caution's counting pass so
-// that both see the same u. P: parameter/gradient type, S: state type, C: compute type (float,
-// or double for double parameters).
-//
-// It has no branches, so that the loops around it vectorise: the choices that are the same
-// for every element (coupled decay on or off; which of lerp's two formulas applies to the
-// weight 1 - beta1; nesterov; caution) are template parameters (GCC does not if-convert a
-// select on a runtime flag here), and max/min/clamp are selects written as `x < lo ? lo : x` so that a NaN passes through, as
-// torch.clamp lets it.
+// ------------------------------------------------------------------------------------------
+// The update of one element, written once for every format
+
+// Host scalars of a call, each rounded once to C.
 template <typename C>
-struct Scalars {
-  C lr, w1, one_minus_w1, beta2, eps, wd, gmul, bound, neg_bound, sq_weight, decay;
+struct Hyper {
+  C lr, beta1, w1, beta2, eps, wd;
+  C gscale;  // kDivide: g / gscale (= +-scale); else g * gscale (= +-1/scale, exact)
+  bool stochastic;
+  uint64_t seed;
+};
+
+// Per-tensor scalars (adoptim.schedule.call_scalars, float64 on the host), rounded once.
+template <typename C>
+struct TensorScalars {
+  C bound, neg_bound, sq_weight, decay;
 };
 
 template <typename C>
 struct Element {
-  C grad, theta, m, v, u;  // theta after decoupled decay, before the step; u the update
+  C g, theta, m, v, u;  // theta after decay, before the step; u before caution
 };
 
-template <typename C, bool kSmallWeight>
-inline C lerp(C a, C b, const Scalars<C>& s) {  // torch.lerp(a, b, w1)'s formula on CPU
-  return kSmallWeight ? a + s.w1 * (b - a) : b - (b - a) * s.one_minus_w1;
-}
-
-template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov>
-inline Element<C> adopt_element(P p, P g, S m, S v, const Scalars<C>& s) {
+template <typename C, bool kCoupled, bool kDivide, bool kNesterov>
+inline Element<C> adopt_element(C grad, C theta, C m, C v, const Hyper<C>& h,
+                                const TensorScalars<C>& t) {
   Element<C> e;
-  e.grad = static_cast<C>(g) * s.gmul;  // unscale (GradScaler) and sign (maximize)
-  e.theta = static_cast<C>(p);
+  e.g = kDivide ? grad / h.gscale : grad * h.gscale;  // GradScaler's scale, maximize's sign
   if constexpr (kCoupled) {
-    e.grad = e.grad + s.wd * e.theta;  // coupled (L2) decay, enters v as well
+    e.g = e.g + theta * h.wd;  // coupled (L2) decay: enters v too
   }
-  e.theta = e.theta * s.decay;  // decoupled decay; exactly 1 when off or on the first call
-  const C vi = static_cast<C>(v);
-  C denom = std::sqrt(vi);
-  denom = denom < s.eps ? s.eps : denom;  // max(sqrt(v), eps), NaN propagates
-  C normed = e.grad / denom;
-  normed = normed < s.neg_bound ? s.neg_bound : normed;  // clip to [-c_t, c_t]; 0 on call 1
-  normed = normed > s.bound ? s.bound : normed;
-  // m = beta1*m + (1-beta1)*n with torch.lerp's formula, as the other paths use lerp_
-  e.m = lerp<C, kSmallWeight>(static_cast<C>(m), normed, s);
-  // u = m, or with nesterov u = beta1*m + (1-beta1)*n (the other paths' m.lerp(n, 1-beta1))
-  if constexpr (kNesterov) {
-    e.u = lerp<C, kSmallWeight>(e.m, normed, s);
-  } else {
-    e.u = e.m;
-  }
-  // v = beta2*v + w*g*g, w = 1 - beta2 (1 on the first call, where v is 0); the order of
-  // the other paths' mul_(beta2).addcmul_(g, g, value=w)
-  e.v = vi * s.beta2 + s.sq_weight * e.grad * e.grad;
+  e.theta = theta * t.decay;
+  C d = std::sqrt(v);
+  d = d < h.eps ? h.eps : d;  // max(sqrt(v), eps); NaN passes
+  C n = e.g / d;
+  n = n < t.neg_bound ? t.neg_bound : n;  // clip to [-c_t, c_t]
+  n = n > t.bound ? t.bound : n;
+  e.m = m * h.beta1 + n * h.w1;
+  e.u = kNesterov ? e.m * h.beta1 + n * h.w1 : e.m;
+  e.v = v * h.beta2 + (e.g * e.g) * t.sq_weight;
   return e;
 }
 
-// The update pass on n contiguous elements. `first_index` numbers elements across the whole
-// call (for stochastic rounding). With caution (`cautious`), u is masked where its sign
-// disagrees with g and divided by the tensor's kept fraction `kept` (clamped at 1e-3),
-// as the other paths' (u * mask).div_(mask.mean().clamp_(min=1e-3)).
-template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov,
-          bool kCaution>
-void update_range(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
-                  int64_t n, const Hyper& h, const Scalars<C>& s, C kept, uint64_t first_index) {
-  for (int64_t i = 0; i < n; ++i) {
-    const Element<C> e =
-        adopt_element<P, S, C, kCoupled, kSmallWeight, kNesterov>(p[i], g[i], m[i], v[i], s);
-    C u = e.u;
-    if constexpr (kCaution) {
-      const C mask = e.u * e.grad > C(0) ? C(1) : C(0);
-      u = (e.u * mask) / kept;
+// The runtime flags as template arguments, one at a time: calls F::template run<flags...>.
+template <typename F, bool... kFlags>
+void dispatch_flags(const F& f, std::initializer_list<bool> flags) {
+  if constexpr (sizeof...(kFlags) == F::kNumFlags) {
+    f.template run<kFlags...>();
+  } else {
+    if (*(flags.begin() + sizeof...(kFlags))) {
+      dispatch_flags<F, kFlags..., true>(f, flags);
+    } else {
+      dispatch_flags<F, kFlags..., false>(f, flags);
     }
-    m[i] = static_cast<S>(e.m);
-    v[i] = static_cast<S>(e.v);
-    p[i] = round_param<P, C>(e.theta - s.lr * u, h, first_index + static_cast<uint64_t>(i));
   }
 }
 
-// Caution's counting pass: how many of the n elements have u * g > 0 (nothing is written).
-template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov>
-int64_t count_range(const P* __restrict p, const P* __restrict g, const S* __restrict m,
-                    const S* __restrict v, int64_t n, const Scalars<C>& s) {
+template <typename C>
+Hyper<C> make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                    bool maximize, double grad_scale, bool* divide, bool stochastic,
+                    int64_t seed) {
+  Hyper<C> h;
+  h.lr = static_cast<C>(lr);
+  h.beta1 = static_cast<C>(beta1);
+  h.w1 = static_cast<C>(1.0 - beta1);
+  h.beta2 = static_cast<C>(beta2);
+  h.eps = static_cast<C>(eps);
+  h.wd = static_cast<C>(weight_decay);
+  // g / scale (then negated for maximize) is g * (+-1/scale) exactly when scale, rounded
+  // to C, is a power of two whose reciprocal is a normal number (GradScaler's default
+  // scales are): the multiplication is cheaper. Other scales divide.
+  const C scale = static_cast<C>(grad_scale);
+  int exponent = 0;
+  const C mantissa = std::frexp(scale, &exponent);
+  const bool power_of_two = mantissa == C(0.5) && std::abs(exponent) < 120;
+  *divide = !power_of_two;
+  if (power_of_two) {
+    h.gscale = (maximize ? C(-1) : C(1)) / scale;  // exact
+  } else {
+    h.gscale = maximize ? -scale : scale;  // -(g / s) == g / -s
+  }
+  h.stochastic = stochastic;
+  h.seed = static_cast<uint64_t>(seed);
+  return h;
+}
+
+template <typename C>
+TensorScalars<C> tensor_scalars(double bound, double sq_weight, double decay) {
+  TensorScalars<C> t;
+  t.bound = static_cast<C>(bound);
+  t.neg_bound = -t.bound;
+  t.sq_weight = static_cast<C>(sq_weight);
+  t.decay = static_cast<C>(decay);
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------
+// Format 1: float moments (state type S), walked element by element
+
+template <typename P, typename S, typename C>
+struct FloatTensor {
+  P* p;
+  const P* g;
+  S* m;
+  S* v;
+  TensorScalars<C> sc;
+  uint32_t seed;    // this step's seed (stochastic rounding)
+  int64_t offset;   // index of element 0 in the whole tensor (a shard's place), for the dither
+};
+
+// The update pass on elements [lo, hi) of one tensor. With caution (kCaution), u is masked
+// where its sign disagrees with g and divided by the tensor's kept fraction `kept`.
+template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov,
+          bool kCaution, bool kStochastic>
+void float_update(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const Hyper<C>& h,
+                  C kept) {
+  P* __restrict p = t.p;
+  const P* __restrict g = t.g;
+  S* __restrict m = t.m;
+  S* __restrict v = t.v;
+  for (int64_t i = lo; i < hi; ++i) {
+    const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
+        static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
+        static_cast<C>(v[i]), h, t.sc);
+    C u = e.u;
+    if constexpr (kCaution) {
+      const C mask = e.u * e.g > C(0) ? C(1) : C(0);
+      u = (u * mask) / kept;
+    }
+    m[i] = static_cast<S>(e.m);
+    v[i] = static_cast<S>(e.v);
+    const C theta = e.theta - h.lr * u;
+    float up = 0.0f;
+    if constexpr (kStochastic) {
+      const uint64_t j = static_cast<uint64_t>(t.offset + i);
+      up = frac_sum(block_offset(t.seed, static_cast<uint32_t>(j >> 8), kStreamParam),
+                    kWeyl.w[j & 255]);
+    }
+    p[i] = round_param<P, C>(theta, kStochastic, up);
+  }
+}
+
+// Caution's counting pass: how many of the elements have u * g > 0 (nothing is written).
+template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov>
+int64_t float_count(const FloatTensor<P, S, C>& t, int64_t lo, int64_t hi, const Hyper<C>& h) {
+  const P* __restrict p = t.p;
+  const P* __restrict g = t.g;
+  const S* __restrict m = t.m;
+  const S* __restrict v = t.v;
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const Element<C> e =
-        adopt_element<P, S, C, kCoupled, kSmallWeight, kNesterov>(p[i], g[i], m[i], v[i], s);
-    kept += e.u * e.grad > C(0) ? 1 : 0;
+  for (int64_t i = lo; i < hi; ++i) {
+    const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
+        static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
+        static_cast<C>(v[i]), h, t.sc);
+    kept += e.u * e.g > C(0) ? 1 : 0;
   }
   return kept;
 }
 
-template <typename C>
-Scalars<C> make_scalars(const Hyper& h, double bound, double sq_weight, double decay) {
-  Scalars<C> s;
-  s.lr = static_cast<C>(h.lr);
-  s.w1 = static_cast<C>(h.beta1_weight);
-  s.one_minus_w1 = C(1) - s.w1;
-  s.beta2 = static_cast<C>(h.beta2);
-  s.eps = static_cast<C>(h.eps);
-  s.wd = static_cast<C>(h.coupled_wd);
-  s.gmul = static_cast<C>(h.grad_mul);
-  s.bound = static_cast<C>(bound);
-  s.neg_bound = -s.bound;
-  s.sq_weight = static_cast<C>(sq_weight);
-  s.decay = static_cast<C>(decay);
-  return s;
-}
-
-// The tensors of one call, as flat element ranges of their concatenation.
+// The tensors of one call, walked as the concatenation of their elements: one
+// at::parallel_for over the total count, each task walking the tensors its range covers, so
+// that thousands of small tensors cost one parallel region per step. (Which task computes an
+// element changes none of its bits.)
 template <typename P, typename S, typename C>
-struct Batch {
-  int64_t count = 0;
+struct FloatBatch {
+  static constexpr int kNumFlags = 4;  // coupled, divide, nesterov, caution
+  std::vector<FloatTensor<P, S, C>> ts;
   std::vector<int64_t> offsets;  // element offsets of each tensor in the concatenation
-  std::vector<P*> p;
-  std::vector<const P*> g;
-  std::vector<S*> m, v;
-  std::vector<Scalars<C>> sc;
+  Hyper<C> h;
 
-  // Calls body(k, lo, hi, pos) for each piece [lo, hi) of tensor k, in parallel: the work is
-  // split over the concatenation, so thousands of small tensors cost one parallel region.
-  // pos is the piece's first index in the concatenation.
   template <typename Body>
   void for_pieces(const Body& body) const {
     // About 128K elements (~3.5 MB of traffic) per task: enough to amortise the scheduling,
     // small enough that two threads share medium tensors.
     constexpr int64_t grain = 1 << 17;
+    const int64_t count = static_cast<int64_t>(ts.size());
     at::parallel_for(0, offsets[count], grain, [&](int64_t begin, int64_t end) {
       int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
       for (int64_t pos = begin; pos < end; ++k) {
         const int64_t lo = pos - offsets[k];
         const int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
         if (hi > lo) {
-          body(k, lo, hi, pos);
+          body(k, lo, hi);
         }
         pos = offsets[k] + hi;
       }
     });
   }
+
+  template <bool kCoupled, bool kDivide, bool kNesterov, bool kCaution>
+  void run() const {
+    // stochastic rounding is a choice for bfloat16 parameters only (fewer instantiations)
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      if (h.stochastic) {
+        run_passes<kCoupled, kDivide, kNesterov, kCaution, true>();
+        return;
+      }
+    }
+    run_passes<kCoupled, kDivide, kNesterov, kCaution, false>();
+  }
+
+  template <bool kCoupled, bool kDivide, bool kNesterov, bool kCaution, bool kStochastic>
+  void run_passes() const {
+    const int64_t count = static_cast<int64_t>(ts.size());
+    // Caution needs each tensor's kept fraction before any element is updated: a first pass
+    // counts (exactly, as an integer) where u * g > 0.
+    std::vector<C> kept(count, C(1));
+    if constexpr (kCaution) {
+      std::vector<std::atomic<int64_t>> counts(count);
+      for (auto& n : counts) {
+        n.store(0, std::memory_order_relaxed);
+      }
+      for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
+        counts[k].fetch_add(float_count<P, S, C, kCoupled, kDivide, kNesterov>(ts[k], lo, hi, h),
+                            std::memory_order_relaxed);
+      });
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t numel = offsets[k + 1] - offsets[k];
+        const C frac = static_cast<C>(counts[k].load()) / static_cast<C>(numel);
+        kept[k] = frac < C(1e-3) ? C(1e-3) : frac;
+      }
+    }
+    for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
+      float_update<P, S, C, kCoupled, kDivide, kNesterov, kCaution, kStochastic>(ts[k], lo, hi,
+                                                                               h, kept[k]);
+    });
+  }
 };
 
-template <typename P, typename S, typename C, bool kCoupled, bool kSmallWeight, bool kNesterov,
-          bool kCaution>
-void run_passes(const Batch<P, S, C>& b, const Hyper& h) {
-  // Caution needs each tensor's fraction of kept coordinates before any is updated: a first
-  // pass counts them (reading g, m, v and theta once more; caution is opt-in).
-  std::vector<C> kept(b.count, C(1));
-  if constexpr (kCaution) {
-    std::vector<std::atomic<int64_t>> counts(b.count);
-    for (auto& n : counts) {
-      n.store(0, std::memory_order_relaxed);
-    }
-    b.for_pieces([&](int64_t k, int64_t lo, int64_t hi, int64_t) {
-      counts[k].fetch_add(count_range<P, S, C, kCoupled, kSmallWeight, kNesterov>(
-                              b.p[k] + lo, b.g[k] + lo, b.m[k] + lo, b.v[k] + lo, hi - lo, b.sc[k]),
-                          std::memory_order_relaxed);
-    });
-    for (int64_t k = 0; k < b.count; ++k) {  // mask.mean().clamp_(min=1e-3), in C like torch
-      const int64_t numel = b.offsets[k + 1] - b.offsets[k];
-      const C mean = static_cast<C>(counts[k].load()) / static_cast<C>(numel);
-      kept[k] = mean < C(1e-3) ? C(1e-3) : mean;
-    }
-  }
-  b.for_pieces([&](int64_t k, int64_t lo, int64_t hi, int64_t pos) {
-    update_range<P, S, C, kCoupled, kSmallWeight, kNesterov, kCaution>(
-        b.p[k] + lo, b.g[k] + lo, b.m[k] + lo, b.v[k] + lo, hi - lo, h, b.sc[k], kept[k],
-        static_cast<uint64_t>(pos));
-  });
+// ------------------------------------------------------------------------------------------
+// Format 2: block-wise 8-bit moments (formats/blockwise8.py; Dettmers et al. 2021 for
+// block-wise quantization, Li et al. 2023 for keeping a nonzero v off the zero code)
+//
+// Per block of 256 elements: read theta, g and one byte each of m and v, dequantize, run
+// adopt_element, keep the new m and v in an L1 buffer (two blocks: 4 KB), take the block's
+// new scales (largest |m|, largest sqrt(v); a NaN anywhere in the block makes the scale NaN,
+// as torch's amax does on the other paths), and write the requantized codes: 16 bytes of
+// traffic per float32 parameter plus 8 per 256, no tensor-sized temporaries.
+//
+// A block's work is two loops: pass 1 (dequantize, update, write theta, fill the buffer, the
+// block's maxima) is memory-bound, pass 2 (requantize from the buffer: dither, floor, square
+// roots, the v-unbiased choice between two levels) compute-bound, so a task runs them
+// software-pipelined: one loop does pass 1 of block b+1 and pass 2 of block b, so that the
+// core computes while it waits for memory. Every element gets the same operations either way.
+// The requantization loop vectorises only with -fno-trapping-math (floor, and selects between
+// computed values); it changes no result.
+
+constexpr float kMLevels = 127.0f;
+constexpr float kVLevels2 = 65025.0f;  // 255 * 255
+
+struct Tensor8 {
+  void* p;
+  const void* g;
+  int8_t* qm;
+  float* sm;
+  uint8_t* qv;
+  float* sv;
+  int64_t n;
+  uint32_t seed;  // this step's seed
+  TensorScalars<float> sc;
+};
+
+struct Pass1 {  // block b's inputs for pass 1
+  void* p;
+  const void* g;
+  const int8_t* qm;
+  const uint8_t* qv;
+  float* mbuf;
+  float* vbuf;
+  float m_step, s_step, u0p;
+  const Tensor8* t;
+  float amax, vmax, nan_m, nan_v;  // out: the block's largest |m| and v; NaNs among m, v
+};
+
+struct Pass2 {  // block b's inputs for pass 2
+  int8_t* qm;
+  uint8_t* qv;
+  const float* mbuf;
+  const float* vbuf;
+  float m_inv, v_step, v_inv, u0m, u0v;
+};
+
+inline int64_t block_len(const Tensor8& t, int64_t b) { return std::min(kBlock, t.n - b * kBlock); }
+
+inline Pass1 pass1_of(const Tensor8& t, int64_t b, size_t elem, float* mbuf, float* vbuf) {
+  const int64_t j0 = b * kBlock;
+  Pass1 a;
+  a.p = static_cast<char*>(t.p) + j0 * elem;
+  a.g = static_cast<const char*>(t.g) + j0 * elem;
+  a.qm = t.qm + j0;
+  a.qv = t.qv + j0;
+  a.mbuf = mbuf;
+  a.vbuf = vbuf;
+  a.m_step = t.sm[b] / kMLevels;
+  a.s_step = t.sv[b] / kVLevels2;
+  a.u0p = block_offset(t.seed, static_cast<uint32_t>(b), kStreamParam);
+  a.t = &t;
+  a.amax = 0.0f;
+  a.vmax = 0.0f;
+  a.nan_m = 0.0f;
+  a.nan_v = 0.0f;
+  return a;
 }
 
-// run_passes with the run-time flags turned into template choices, one at a time.
-template <typename P, typename S, typename C, bool... kFlags>
-void dispatch(const Batch<P, S, C>& b, const Hyper& h, std::initializer_list<bool> flags) {
-  if constexpr (sizeof...(kFlags) == 4) {
-    run_passes<P, S, C, kFlags...>(b, h);
-  } else {
-    const bool next = *(flags.begin() + sizeof...(kFlags));
-    if (next) {
-      dispatch<P, S, C, kFlags..., true>(b, h, flags);
-    } else {
-      dispatch<P, S, C, kFlags..., false>(b, h, flags);
+// After pass 1 of block b: store its new scales and return pass 2's inputs.
+inline Pass2 pass2_of(const Tensor8& t, int64_t b, const Pass1& a) {
+  const int64_t j0 = b * kBlock;
+  const uint32_t blk = static_cast<uint32_t>(b);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float amax = a.nan_m > 0.0f ? nan : a.amax;  // NaN propagates, as torch's amax
+  const float smax = std::sqrt(a.nan_v > 0.0f ? nan : a.vmax);
+  t.sm[b] = amax;
+  t.sv[b] = smax;
+  Pass2 c;
+  c.qm = t.qm + j0;
+  c.qv = t.qv + j0;
+  c.mbuf = a.mbuf;
+  c.vbuf = a.vbuf;
+  c.m_inv = amax > 0.0f ? kMLevels / amax : 0.0f;
+  c.v_step = smax / kVLevels2;
+  c.v_inv = smax > 0.0f ? kVLevels2 / smax : 0.0f;
+  c.u0m = block_offset(t.seed, blk, kStreamM);
+  c.u0v = block_offset(t.seed, blk, kStreamV);
+  return c;
+}
+
+// len elements of pass 1 of block a (kP1) and/or pass 2 of block c (kP2).
+template <typename P, bool kCoupled, bool kDivide, bool kNesterov, bool kP1, bool kP2>
+void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& h) {
+  P* __restrict p = static_cast<P*>(a.p);
+  const P* __restrict g = static_cast<const P*>(a.g);
+  const int8_t* __restrict qm_in = a.qm;
+  const uint8_t* __restrict qv_in = a.qv;
+  float* __restrict mbuf_out = a.mbuf;
+  float* __restrict vbuf_out = a.vbuf;
+  int8_t* __restrict qm_out = c.qm;
+  uint8_t* __restrict qv_out = c.qv;
+  const float* __restrict mbuf_in = c.mbuf;
+  const float* __restrict vbuf_in = c.vbuf;
+  const float m_step = a.m_step, s_step = a.s_step, u0p = a.u0p;
+  const TensorScalars<float> sc = kP1 ? a.t->sc : TensorScalars<float>{};
+  const float m_inv = c.m_inv, v_step = c.v_step, v_inv = c.v_inv, u0m = c.u0m, u0v = c.u0v;
+  float amax = 0.0f, vmax = 0.0f, nan_m = 0.0f, nan_v = 0.0f;
+#pragma omp simd reduction(max : amax, vmax) reduction(+ : nan_m, nan_v)
+  for (int64_t i = 0; i < len; ++i) {
+    if constexpr (kP1) {  // dequantize (blockwise8.dequantize_m / dequantize_v), update
+      const float q = static_cast<float>(qv_in[i]);
+      const float s = (q * q) * s_step;
+      const Element<float> e = adopt_element<float, kCoupled, kDivide, kNesterov>(
+          static_cast<float>(g[i]), static_cast<float>(p[i]),
+          static_cast<float>(qm_in[i]) * m_step, s * s, h, sc);
+      mbuf_out[i] = e.m;
+      vbuf_out[i] = e.v;
+      const float am = std::fabs(e.m);
+      amax = am > amax ? am : amax;
+      vmax = e.v > vmax ? e.v : vmax;
+      nan_m += e.m != e.m ? 1.0f : 0.0f;  // (std::max and the selects above skip a NaN)
+      nan_v += e.v != e.v ? 1.0f : 0.0f;
+      p[i] = round_param<P, float>(e.theta - h.lr * e.u, h.stochastic, frac_sum(u0p, kWeyl.w[i]));
     }
+    if constexpr (kP2) {  // requantize (blockwise8.quantize_m / quantize_v)
+      const float um = frac_sum(u0m, kWeyl.w[i]);
+      float ym = std::floor(mbuf_in[i] * m_inv + um);  // y = m * (127 / A), rounded, then + u
+      ym = ym < -kMLevels ? -kMLevels : ym;
+      ym = ym > kMLevels ? kMLevels : ym;
+      ym = ym != ym ? 0.0f : ym;  // NaN (a NaN m; its block's scale is NaN): code 0
+      qm_out[i] = static_cast<int8_t>(static_cast<int32_t>(ym));
+
+      const float v = vbuf_in[i];
+      float lo = std::floor(std::sqrt(std::sqrt(v) * v_inv));  // 255 * sqrt(sqrt(v) / S)
+      lo = lo > 254.0f ? 254.0f : lo;  // (and lo >= 0, or NaN: a square root)
+      const float hi = lo + 1.0f;
+      const float s_lo = (lo * lo) * v_step, s_hi = (hi * hi) * v_step;
+      const float v_lo = s_lo * s_lo, v_hi = s_hi * s_hi;
+      const float uv = frac_sum(u0v, kWeyl.w[i]);
+      float qf = lo + (uv * (v_hi - v_lo) < v - v_lo ? 1.0f : 0.0f);  // unbiased in v
+      qf = (v > 0.0f) & (qf < 1.0f) ? 1.0f : qf;  // no zero code for a nonzero v
+      qf = qf != qf ? 0.0f : qf;  // NaN: code 0
+      qv_out[i] = static_cast<uint8_t>(static_cast<int32_t>(qf));
+    }
+  }
+  if constexpr (kP1) {
+    a.amax = amax;
+    a.vmax = vmax;
+    a.nan_m = nan_m;
+    a.nan_v = nan_v;
+  }
+}
+
+template <typename P>
+struct Batch8 {
+  static constexpr int kNumFlags = 3;  // coupled, divide, nesterov
+  const std::vector<Tensor8>* ts;
+  Hyper<float> h;
+
+  template <bool kCoupled, bool kDivide, bool kNesterov>
+  void run() const {
+    const std::vector<Tensor8>& tensors = *ts;
+    const int64_t count = static_cast<int64_t>(tensors.size());
+    std::vector<int64_t> offsets(count + 1, 0);  // block offsets of each tensor
+    for (int64_t k = 0; k < count; ++k) {
+      offsets[k + 1] = offsets[k] + (tensors[k].n + kBlock - 1) / kBlock;
+    }
+    // 512 blocks (128K elements, ~2 MB of traffic) per task.
+    at::parallel_for(0, offsets[count], 512, [&](int64_t begin, int64_t end) {
+      alignas(64) float mbuf[2][kBlock];  // the new m and v of two blocks (double-buffered)
+      alignas(64) float vbuf[2][kBlock];
+      const Pass2 none{};
+      int64_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+      Pass2 prev{};  // pass 2 of the block before this one
+      int64_t prev_len = 0;
+      for (int64_t blk = begin; blk < end; ++blk) {
+        while (blk >= offsets[k + 1]) {
+          ++k;
+        }
+        const Tensor8& t = tensors[k];
+        const int64_t b = blk - offsets[k], len = block_len(t, b), slot = blk & 1;
+        Pass1 a = pass1_of(t, b, sizeof(P), mbuf[slot], vbuf[slot]);
+        if (prev_len == kBlock && len == kBlock) {
+          block_loop<P, kCoupled, kDivide, kNesterov, true, true>(a, prev, kBlock, h);
+        } else {
+          if (prev_len > 0) {
+            block_loop<P, kCoupled, kDivide, kNesterov, false, true>(a, prev, prev_len, h);
+          }
+          block_loop<P, kCoupled, kDivide, kNesterov, true, false>(a, none, len, h);
+        }
+        prev = pass2_of(t, b, a);
+        prev_len = len;
+      }
+      if (prev_len > 0) {
+        Pass1 unused{};
+        block_loop<P, kCoupled, kDivide, kNesterov, false, true>(unused, prev, prev_len, h);
+      }
+    });
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// The ops
+
+// scalars: float64 (rows, n) with rows bound, sq_weight, decay, key, offset (offset: the
+// index of the tensor's element 0 in the whole tensor, for a shard; 8-bit: 4 rows, no offset)
+void check_common(const char* op, size_t count, at::TensorList params, at::TensorList grads,
+                  at::TensorList steps, const at::Tensor& scalars, int64_t rows) {
+  TORCH_CHECK(grads.size() == count && steps.size() == count, op,
+              ": tensor lists differ in length");
+  TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
+                  scalars.numel() == static_cast<int64_t>(rows * count),
+              op, ": scalars must be a contiguous float64 tensor of shape (", rows, ", n)");
+  for (size_t k = 0; k < count; ++k) {
+    TORCH_CHECK(params[k].device().is_cpu() && grads[k].device().is_cpu(), op,
+                ": CPU tensors only");
+    TORCH_CHECK(params[k].scalar_type() == params[0].scalar_type() &&
+                    grads[k].scalar_type() == params[0].scalar_type(),
+                op, ": parameters and gradients must share one dtype");
+    TORCH_CHECK(steps[k].device().is_cpu() && steps[k].scalar_type() == at::kFloat &&
+                    steps[k].numel() == 1,
+                op, ": step ", k, " must be a one-element float32 CPU tensor");
+  }
+}
+
+void advance_steps(at::TensorList steps) {
+  // Each tensor's call count, as the other paths' step_t += 1 (a Python loop or a foreach op
+  // over thousands of one-element tensors costs more than the update of small ones).
+  for (const auto& s : steps) {
+    *s.data_ptr<float>() += 1.0f;
   }
 }
 
 template <typename P, typename S, typename C>
-void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-         at::TensorList exp_avg_sqs, const double* scalars, const Hyper& h) {
-  Batch<P, S, C> b;
-  b.count = static_cast<int64_t>(params.size());
-  b.offsets.assign(b.count + 1, 0);
-  b.p.resize(b.count);
-  b.g.resize(b.count);
-  b.m.resize(b.count);
-  b.v.resize(b.count);
-  b.sc.resize(b.count);
-  for (int64_t k = 0; k < b.count; ++k) {
+void run_float(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList steps, const double* sc,
+               const Hyper<C>& h, std::initializer_list<bool> flags) {
+  FloatBatch<P, S, C> b;
+  const int64_t count = static_cast<int64_t>(params.size());
+  b.h = h;
+  b.ts.resize(count);
+  b.offsets.assign(count + 1, 0);
+  for (int64_t k = 0; k < count; ++k) {
     b.offsets[k + 1] = b.offsets[k] + params[k].numel();
-    b.p[k] = params[k].data_ptr<P>();
-    b.g[k] = grads[k].data_ptr<P>();
-    b.m[k] = exp_avgs[k].data_ptr<S>();
-    b.v[k] = exp_avg_sqs[k].data_ptr<S>();
-    b.sc[k] = make_scalars<C>(h, scalars[k], scalars[b.count + k], scalars[2 * b.count + k]);
+    FloatTensor<P, S, C>& t = b.ts[k];
+    t.p = params[k].data_ptr<P>();
+    t.g = grads[k].data_ptr<P>();
+    t.m = exp_avgs[k].data_ptr<S>();
+    t.v = exp_avg_sqs[k].data_ptr<S>();
+    t.sc = tensor_scalars<C>(sc[k], sc[count + k], sc[2 * count + k]);
+    const uint64_t key = static_cast<uint64_t>(sc[3 * count + k]);
+    t.seed = step_seed(tensor_seed(h.seed, key), *steps[k].data_ptr<float>());
+    t.offset = static_cast<int64_t>(sc[4 * count + k]);
   }
-  // The loop-invariant template choices, made once per call.
-  const bool small_weight = static_cast<C>(h.beta1_weight) < C(0.5);
-  dispatch<P, S, C>(b, h, {h.coupled, small_weight, h.nesterov, h.caution});
+  dispatch_flags(b, flags);
 }
 
 void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& scalars,
-                  double lr, double beta1,
-                  double beta2, double eps, double weight_decay, bool coupled, bool maximize,
-                  double grad_scale, bool stochastic, int64_t seed, bool nesterov,
-                  bool caution) {
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
+                  bool coupled, bool maximize, double grad_scale, bool stochastic, int64_t seed,
+                  bool nesterov, bool caution) {
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
-                  exp_avg_sqs.size() == count && steps.size() == count,
+  TORCH_CHECK(exp_avgs.size() == count && exp_avg_sqs.size() == count,
               "fused_adopt_: tensor lists differ in length");
-  TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
-                  scalars.numel() == static_cast<int64_t>(3 * count),
-              "fused_adopt_: scalars must be a contiguous float64 tensor of shape (3, n)");
+  check_common("fused_adopt_", count, params, grads, steps, scalars, 5);
   if (count == 0) {
     return;
   }
   const auto p_type = params[0].scalar_type();
   const auto s_type = exp_avgs[0].scalar_type();
   for (size_t k = 0; k < count; ++k) {
-    TORCH_CHECK(params[k].device().is_cpu() && grads[k].device().is_cpu() &&
-                    exp_avgs[k].device().is_cpu() && exp_avg_sqs[k].device().is_cpu(),
+    TORCH_CHECK(exp_avgs[k].device().is_cpu() && exp_avg_sqs[k].device().is_cpu(),
                 "fused_adopt_: CPU tensors only");
-    TORCH_CHECK(params[k].scalar_type() == p_type && grads[k].scalar_type() == p_type,
-                "fused_adopt_: parameters and gradients must share one dtype");
     TORCH_CHECK(exp_avgs[k].scalar_type() == s_type && exp_avg_sqs[k].scalar_type() == s_type,
                 "fused_adopt_: moment buffers must share one dtype");
     const int64_t n = params[k].numel();
@@ -313,47 +660,107 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
     TORCH_CHECK(params[k].is_non_overlapping_and_dense() && grads[k].strides() == strides &&
                     exp_avgs[k].strides() == strides && exp_avg_sqs[k].strides() == strides,
                 "fused_adopt_: tensor ", k, " is not dense or its buffers differ in layout");
-    TORCH_CHECK(steps[k].device().is_cpu() && steps[k].scalar_type() == at::kFloat &&
-                    steps[k].numel() == 1,
-                "fused_adopt_: step ", k, " must be a one-element float32 CPU tensor");
   }
-  Hyper h;
-  h.lr = lr;
-  h.beta1_weight = 1.0 - beta1;
-  h.beta2 = beta2;
-  h.eps = eps;
-  h.coupled = coupled && weight_decay != 0.0;
-  h.coupled_wd = weight_decay;
-  h.grad_mul = (maximize ? -1.0 : 1.0) / grad_scale;
-  h.stochastic = stochastic;
-  h.seed = static_cast<uint64_t>(seed);
-  h.nesterov = nesterov;
-  h.caution = caution;
   const double* sc = scalars.data_ptr<double>();
+  const bool coupled_on = coupled && weight_decay != 0.0;
+  const bool sr = stochastic && p_type == at::kBFloat16;
+  bool divide = false;
 
   using BF = c10::BFloat16;
   using H = c10::Half;
+  const auto go = [&](auto p_tag, auto s_tag, auto c_tag) {
+    using P = decltype(p_tag);
+    using S = decltype(s_tag);
+    using C = decltype(c_tag);
+    const Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                                     &divide, sr, seed);
+    run_float<P, S, C>(params, grads, exp_avgs, exp_avg_sqs, steps, sc, h,
+                       {coupled_on, divide, nesterov, caution});
+  };
   if (p_type == at::kFloat && s_type == at::kFloat) {
-    run<float, float, float>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(float{}, float{}, float{});
   } else if (p_type == at::kDouble && s_type == at::kDouble) {
-    run<double, double, double>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(double{}, double{}, double{});
   } else if (p_type == at::kBFloat16 && s_type == at::kFloat) {
-    run<BF, float, float>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(BF{}, float{}, float{});
   } else if (p_type == at::kBFloat16 && s_type == at::kBFloat16) {
-    run<BF, BF, float>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(BF{}, BF{}, float{});
   } else if (p_type == at::kHalf && s_type == at::kFloat) {
-    run<H, float, float>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(H{}, float{}, float{});
   } else if (p_type == at::kHalf && s_type == at::kHalf) {
-    run<H, H, float>(params, grads, exp_avgs, exp_avg_sqs, sc, h);
+    go(H{}, H{}, float{});
   } else {
     TORCH_CHECK(false, "fused_adopt_: unsupported dtypes (parameter ", p_type, ", state ",
                 s_type, ")");
   }
-  // Each tensor's call count, as the other paths' step_t += 1 (a Python loop or a foreach
-  // op over thousands of one-element tensors costs more than the update of small ones).
-  for (size_t k = 0; k < count; ++k) {
-    *steps[k].data_ptr<float>() += 1.0f;
+  advance_steps(steps);
+}
+
+void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
+                       at::TensorList m_scales, at::TensorList v_codes, at::TensorList v_scales,
+                       at::TensorList steps, const at::Tensor& scalars, double lr, double beta1,
+                       double beta2, double eps, double weight_decay, bool coupled,
+                       bool maximize, double grad_scale, bool stochastic, int64_t seed,
+                       bool nesterov) {
+  const size_t count = params.size();
+  TORCH_CHECK(m_codes.size() == count && m_scales.size() == count && v_codes.size() == count &&
+                  v_scales.size() == count,
+              "fused_adopt_8bit_: tensor lists differ in length");
+  check_common("fused_adopt_8bit_", count, params, grads, steps, scalars, 4);
+  if (count == 0) {
+    return;
   }
+  const auto p_type = params[0].scalar_type();
+  const double* sc = scalars.data_ptr<double>();
+  std::vector<Tensor8> ts(count);
+  for (size_t k = 0; k < count; ++k) {
+    const int64_t n = params[k].numel();
+    TORCH_CHECK(params[k].is_contiguous() && grads[k].is_contiguous() && grads[k].numel() == n,
+                "fused_adopt_8bit_: tensor ", k, " and its gradient must be contiguous");
+    TORCH_CHECK(m_codes[k].scalar_type() == at::kChar && v_codes[k].scalar_type() == at::kByte &&
+                    m_codes[k].is_contiguous() && v_codes[k].is_contiguous() &&
+                    m_codes[k].numel() == n && v_codes[k].numel() == n,
+                "fused_adopt_8bit_: tensor ", k, " needs contiguous int8 m and uint8 v codes of ",
+                n, " elements");
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    TORCH_CHECK(m_scales[k].scalar_type() == at::kFloat && v_scales[k].scalar_type() == at::kFloat &&
+                    m_scales[k].is_contiguous() && v_scales[k].is_contiguous() &&
+                    m_scales[k].numel() == blocks && v_scales[k].numel() == blocks,
+                "fused_adopt_8bit_: tensor ", k, " needs ", blocks, " float32 scales per moment");
+    Tensor8& t = ts[k];
+    t.p = params[k].data_ptr();
+    t.g = grads[k].data_ptr();
+    t.qm = m_codes[k].data_ptr<int8_t>();
+    t.sm = m_scales[k].data_ptr<float>();
+    t.qv = v_codes[k].data_ptr<uint8_t>();
+    t.sv = v_scales[k].data_ptr<float>();
+    t.n = n;
+    const uint64_t key = static_cast<uint64_t>(sc[3 * count + k]);
+    t.seed = step_seed(tensor_seed(static_cast<uint64_t>(seed), key), *steps[k].data_ptr<float>());
+    t.sc = tensor_scalars<float>(sc[k], sc[count + k], sc[2 * count + k]);
+  }
+  bool divide = false;
+  const bool sr = stochastic && p_type == at::kBFloat16;
+  const bool coupled_on = coupled && weight_decay != 0.0;
+  const Hyper<float> h = make_hyper<float>(lr, beta1, beta2, eps, weight_decay, maximize,
+                                           grad_scale, &divide, sr, seed);
+  const auto go = [&](auto p_tag) {
+    Batch8<decltype(p_tag)> b;
+    b.ts = &ts;
+    b.h = h;
+    dispatch_flags(b, {coupled_on, divide, nesterov});
+  };
+  if (p_type == at::kFloat) {
+    go(float{});
+  } else if (p_type == at::kBFloat16) {
+    go(c10::BFloat16{});
+  } else if (p_type == at::kHalf) {
+    go(c10::Half{});
+  } else {
+    TORCH_CHECK(false, "fused_adopt_8bit_: unsupported parameter dtype ", p_type,
+                " (float32, bfloat16, float16)");
+  }
+  advance_steps(steps);
 }
 
 }  // namespace
@@ -362,9 +769,17 @@ TORCH_LIBRARY(adoptim, m) {
   m.def(
       "fused_adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor scalars, float lr, float beta1, "
-      "float beta2, float eps, "
-      "float weight_decay, bool coupled, bool maximize, float grad_scale, "
-      "bool stochastic, int seed, bool nesterov, bool caution) -> ()");
+      "float beta2, float eps, float weight_decay, bool coupled, bool maximize, "
+      "float grad_scale, bool stochastic, int seed, bool nesterov, bool caution) -> ()");
+  m.def(
+      "fused_adopt_8bit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m_codes, "
+      "Tensor(c!)[] m_scales, Tensor(d!)[] v_codes, Tensor(e!)[] v_scales, "
+      "Tensor(f!)[] steps, Tensor scalars, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool coupled, bool maximize, float grad_scale, "
+      "bool stochastic, int seed, bool nesterov) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(adoptim, CPU, m) { m.impl("fused_adopt_", &fused_adopt_); }
+TORCH_LIBRARY_IMPL(adoptim, CPU, m) {
+  m.impl("fused_adopt_", &fused_adopt_);
+  m.impl("fused_adopt_8bit_", &fused_adopt_8bit_);
+}
