@@ -295,7 +295,7 @@ def test_deterministic_algorithms_run_without_warnings(path, fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["bf16-sr", "bf16-sr-8bit"])
-@pytest.mark.parametrize("path", ["for-loop", "foreach", "fused"])
+@pytest.mark.parametrize("path", PATHS)
 def test_bf16_stochastic_rounding_resumes_bit_for_bit(path, fmt, monkeypatch):
     """Eight steps in one go equal four, a checkpoint (weights and state dict through
     torch.save), a fresh optimizer and four more, bit for bit. The script seeds torch at the
