@@ -161,3 +161,41 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
                  "--warmup", "0", "--rounds", "1", "--scale", "0.001",
                  "--out", str(tmp_path)]) == 0
     assert "\r" not in capsys.readouterr().err  # pytest's capture is not a terminal
+
+
+def test_too_small_runs_say_so(tmp_path, capsys):
+    """One timed step at scale 0.001 printed ratios like 0.01x without a word before: the run
+    still happens (tiny runs are how a first try checks the command) but warns, in the output,
+    the JSON and the plot's title."""
+    assert main(["bench", "--suites", "c", "--optimizers", "adam-foreach", "--repeats", "1",
+                 "--warmup", "0", "--rounds", "1", "--scale", "0.001",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING: this run is too small for its ratios to mean anything") == 2
+    assert "only 1 timed step(s)" in out and "--scale 0.001" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert len(report["warnings"]) >= 2
+    # the defaults at full size raise nothing before the run
+    assert bench.settings_warnings(5, 3, 1.0) == []
+    assert bench.settings_warnings(5, 1, 1.0) and bench.settings_warnings(5, 3, 0.5)
+
+
+def test_a_baseline_step_too_short_to_time_is_flagged():
+    def report(median_s):
+        return {"suites": [{"suite": "c", "title": "2000 x 1k",
+                            "results": {"adam-fused": {"median_s": median_s}}}]}
+
+    assert "0.50 ms" in bench.result_warnings(report(5e-4))[0]
+    assert bench.result_warnings(report(0.05)) == []
+
+
+def test_without_matplotlib_the_table_is_written_and_the_plot_named(tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setattr(bench, "missing", lambda modules: list(modules))  # nor tqdm
+    assert main(["bench", "--suites", "c", "--optimizers", "adam-foreach", "--repeats", "1",
+                 "--warmup", "0", "--rounds", "1", "--scale", "0.001",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no plot: matplotlib is not installed" in out
+    assert "pip install 'adoptim[experiments]'" in out
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()

@@ -268,7 +268,8 @@ def test_from_adam_converts_state_as_documented():
     model, adam = _trained_adam(weight_decay=0.01)
     opt = ADOPT.from_adam(adam)
     group = opt.param_groups[0]
-    assert group["lr"] == 1e-2 and group["betas"] == (0.9, 0.999)
+    # Adam's betas (0.9, 0.999) are not carried over: ADOPT's defaults, as the README advises
+    assert group["lr"] == 1e-2 and group["betas"] == (0.9, 0.9999)
     assert group["weight_decay"] == 0.01 and group["decouple"] is True  # AdamW: decoupled
     assert group["eps"] == 1e-6  # Adam's eps (added, 1e-8) is not ADOPT's (a floor)
     for p in model.parameters():
@@ -282,6 +283,24 @@ def test_from_adam_converts_state_as_documented():
         assert new["exp_avg"].abs().max() > 0
     # The Adam optimizer is left as it was.
     assert float(adam.state[next(model.parameters())]["step"]) == 20
+
+
+def test_from_adam_continues_v_at_adopts_beta2():
+    """v is bias-corrected with Adam's beta2 (which produced it) and then averaged on with
+    ADOPT's 0.9999 (the README's advice), unless betas= says otherwise."""
+    x, y = batches(1, seed=9)[0]
+    for kw, beta2 in (({}, 0.9999), ({"betas": (0.9, 0.999)}, 0.999)):
+        model, adam = _trained_adam()
+        opt = ADOPT.from_adam(adam, **kw)
+        assert opt.param_groups[0]["betas"][1] == beta2
+        v0 = {p: opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()}
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = {p: p.grad.clone() for p in model.parameters()}
+        opt.step()
+        for p in model.parameters():
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"],
+                                       beta2 * v0[p] + (1 - beta2) * grads[p] ** 2)
 
 
 def test_from_adam_first_step_continues_at_adams_pace():

@@ -1,4 +1,4 @@
-"""SAC experiment: a tiny run on HalfCheetah-v5 (skipped without the rl extra)."""
+"""SAC experiment: a tiny run on HalfCheetah-v5 (skipped without MuJoCo, part of the experiments extra)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 _MISSING = [m for m in ("gymnasium", "mujoco") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(
     bool(_MISSING),
-    reason=f"needs the rl extra (missing {', '.join(_MISSING)}): pip install 'adoptim[rl]'")
+    reason=f"needs MuJoCo (missing {', '.join(_MISSING)}): pip install 'adoptim[experiments]'")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adopt"])

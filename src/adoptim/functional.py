@@ -74,6 +74,7 @@ def adopt(
     stochastic_rounding: bool = False,
     exp_avg_scales: list[Tensor | None] | None = None,
     exp_avg_sq_scales: list[Tensor | None] | None = None,
+    master_corrections: list[Tensor | None] | None = None,
     seed: int = 0,
     keys: list[int] | None = None,
 ) -> None:
@@ -87,6 +88,9 @@ def adopt(
     Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
     moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see
     :mod:`adoptim.formats.blockwise8`) and take the same path as the others.
+    Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
+    :mod:`adoptim.formats.master`) are stepped on their float32 master weights, on the
+    unfused paths only (the kernels do not take the correction yet).
     ``seed`` and ``keys`` (one per tensor, the same after save/load and on every rank: the
     optimizer passes each parameter's index in its state_dict numbering; default 0, 1, ...)
     give the random numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).
@@ -96,6 +100,8 @@ def adopt(
     if exp_avg_scales is not None and exp_avg_sq_scales is not None:
         scales = [None if m is None else (m, v) for m, v in zip(exp_avg_scales, exp_avg_sq_scales)]
     eight_bit = [i for i, s in enumerate(scales) if s is not None]
+    corrections = master_corrections if master_corrections is not None else [None] * n
+    corrected = [i for i, c in enumerate(corrections) if c is not None]
 
     # 1. The path: a kernel (Triton on GPUs, C++ on CPUs) or the unfused paths.
     triton = _triton_kernel.selected(
@@ -107,7 +113,7 @@ def adopt(
     )
     # 2. GradScaler found inf/NaN: nothing moves. The float Triton kernel reads the flag on
     # the device (no sync, CUDA graphs); everything else reads it here, once.
-    if found_inf is not None and (eight_bit or not triton) and found_inf.item() != 0:
+    if found_inf is not None and (eight_bit or corrected or not triton) and found_inf.item() != 0:
         return
 
     # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
@@ -132,9 +138,14 @@ def adopt(
     # Under torch.compile the kernels have no tracing rules: the for-loop path runs, which
     # Inductor fuses into one loop per tensor (and nothing of the kernels' caches is traced).
     left = list(range(n))
-    if (triton or cpu_kernel) and not is_compiling():
-        left = _run_kernel(triton, lists, scales, found_inf=found_inf, strict=fused is True,
-                           keys=keys, **kwargs)  # fmt: skip
+    if (triton or cpu_kernel) and not is_compiling() and len(corrected) < n:
+        # tensors with a master-weight correction skip the kernels (which lack it)
+        plain = [i for i in range(n) if corrections[i] is None]
+        sub = tuple([seq[i] for i in plain] for seq in lists)
+        kernel_left = _run_kernel(triton, sub, [scales[i] for i in plain], found_inf=found_inf,
+                                  strict=fused is True, keys=[keys[i] for i in plain],
+                                  **kwargs)  # fmt: skip
+        left = sorted(corrected + [plain[k] for k in kernel_left])
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
         foreach = _default_foreach([params[i] for i in left], differentiable)
@@ -147,7 +158,8 @@ def adopt(
         lists = tuple([seq[i] for i in left] for seq in lists)
         scales = [scales[i] for i in left]
         keys = [keys[i] for i in left]
-    run_unfused(path, *lists, scales=scales, keys=keys,
+        corrections = [corrections[i] for i in left]
+    run_unfused(path, *lists, scales=scales, corrections=corrections, keys=keys,
                 budget=FOREACH_CHUNK_ELEMENTS if foreach else 0, **kwargs)  # fmt: skip
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import importlib
 
-from adoptim.experiments.runner import Experiment
+from adoptim._extras import EXPERIMENTS_BASE, require
+
+# Before anything imports numpy: without the extra, `import adoptim.experiments.<anything>`
+# (and `adoptim reproduce`/`adoptim toy`) fails with one message naming the extra.
+require("adoptim.experiments", EXPERIMENTS_BASE)
+
+from adoptim.experiments.runner import Experiment  # noqa: E402
 
 __all__ = ["REGISTRY", "Experiment", "get_experiment"]
 

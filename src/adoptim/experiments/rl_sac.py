@@ -6,7 +6,8 @@ ADOPT's episodic return at or above Adam's. This file is CleanRL's
 ``sac_continuous_action.py`` (one env, one explicit loop) with the three optimizers built by
 name, so the comparison is one flag.
 
-Needs the ``rl`` extra: ``pip install "adoptim[rl]"`` (``gymnasium[mujoco]`` and ``mujoco``).
+Needs gymnasium[mujoco] and mujoco, part of the ``experiments`` extra
+(``pip install 'adoptim[experiments]'``).
 
 Examples::
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adoptim._extras import message, missing, require
 from adoptim.experiments.optimizers import make_optimizer
 from adoptim.experiments.runner import (
     Experiment,
@@ -198,11 +200,9 @@ def route_mujoco_warnings() -> None:
 
 
 def make_env(env_id: str, seed: int):
-    try:
-        import gymnasium as gym
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError('rl_sac needs the rl extra: pip install "adoptim[rl]" '
-                          '(gymnasium[mujoco] and mujoco)') from e
+    require("the rl_sac experiment", RL_MODULES)
+    import gymnasium as gym
+
     route_mujoco_warnings()
     env = gym.make(env_id)
     env = gym.wrappers.RecordEpisodeStatistics(env)
@@ -362,19 +362,18 @@ _KEYS = ["env_id", "optimizer", "seed", "total_timesteps"]  # what names a run f
 def quick_sweep() -> list[Args]:
     """The ``--quick`` profile: a smoke test of the whole path (seconds): one 1,000-step
     HalfCheetah episode per optimizer, learning from step 200 (800 updates, so the two runs
-    differ; their returns still mean nothing). Empty, with a note in the report, without the
-    rl extra."""
-    if _missing_rl_deps():
-        return []
+    differ; their returns still mean nothing)."""
     return [Args(env_id="HalfCheetah-v5", optimizer=o, seed=0, total_timesteps=1_000,
                  learning_starts=200, batch_size=64, hidden=64, eval_episodes=1, log_every=100)
             for o in OPTIMIZERS]
 
 
-def _missing_rl_deps() -> list[str]:
-    import importlib.util
+# the part of the experiments extra this experiment needs beyond numpy/tqdm/matplotlib
+RL_MODULES = ("gymnasium", "mujoco")
 
-    return [m for m in ("gymnasium", "mujoco") if importlib.util.find_spec(m) is None]
+
+def _missing_rl_deps() -> list[str]:
+    return missing(RL_MODULES)
 
 
 def full_sweep() -> list[Args]:
@@ -398,8 +397,8 @@ def report(sweep, out: Path) -> Path:
     results = load_results(out, sweep)  # only this sweep's runs
     rep = Report(out, "SAC on MuJoCo: Adam vs ADOPT")
     if _missing_rl_deps() and not results:
-        rep.text("Skipped: needs the rl extra (`pip install \"adoptim[rl]\"`; missing "
-                 f"{', '.join(_missing_rl_deps())}).")
+        # only with --report-only: `adoptim reproduce` refuses to run it without them
+        rep.text(f"Not run: {message('rl_sac', 'experiments', _missing_rl_deps())}.")
         return rep.write()
     if results:
         c = results[0]["config"]
@@ -465,11 +464,12 @@ def report(sweep, out: Path) -> Path:
 
 EXPERIMENT = Experiment(
     name="rl_sac",
-    description="SAC on MuJoCo HalfCheetah-v5/Ant-v5, Adam vs ADOPT (needs the rl extra)",
+    description="SAC on MuJoCo HalfCheetah-v5/Ant-v5, Adam vs ADOPT",
     quick=quick_sweep,
     full=full_sweep,
     run=run,
     report=report,
+    needs=RL_MODULES,
 )
 
 

