@@ -177,8 +177,9 @@ class ADOPT(Optimizer):
             with every ``state_dtype``; not with ``fused=True`` (the kernels do not take the
             correction yet: such tensors run the for-loop path, foreach on CUDA),
             ``stochastic_rounding``, ``capturable``, ``differentiable`` or DTensor
-            parameters. A numerics check warns once (:class:`~adoptim.formats.master.
-            UpdateStallWarning`) when most updates of a bf16/fp16 tensor leave it unchanged.
+            parameters. A numerics check warns once (an
+            :class:`~adoptim.formats.master.UpdateStallWarning`) when most updates of a
+            bf16/fp16 tensor leave it unchanged.
 
         seed: the seed of the step's random numbers (stochastic rounding, the 8-bit codes'
             rounding), an integer in [0, 2**63). They are counter-based (a hash of the seed,
