@@ -4,6 +4,7 @@ Example (the figures in docs/performance.md)::
 
     adoptim bench --suites a,b,c --out runs/bench
     adoptim bench --startup            # fresh-process time to the first fused step, cold/warm
+    adoptim bench --memory             # bytes/param and peak memory of real training runs
 
 Suites (all float32, one parameter list each):
   a: 20 tensors of 1M elements;
@@ -740,6 +741,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (there is none anyway when stderr is not a "
                              "terminal)")
+    from adoptim.tools import memory
+
+    memory.add_arguments(parser)
 
 
 def _select(patterns: str) -> list[Entry]:
@@ -759,6 +763,10 @@ def run(args: argparse.Namespace) -> int:
     # torch-adopt 0.1.0 calls a deprecated torch helper on every step.
     warnings.filterwarnings("ignore", message=".*torch._utils.is_compiling.*")
 
+    if args.memory:  # a different measurement: fresh training processes (tools/memory.py)
+        from adoptim.tools import memory
+
+        return memory.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
