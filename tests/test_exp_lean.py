@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 
-from adoptim.experiments import REGISTRY, get_experiment
-from adoptim.experiments import lean
+from adoptim.experiments import REGISTRY, get_experiment, lean
 from adoptim.experiments.runner import RESULT_FILE, config_dict, run_id
 
 

@@ -308,7 +308,7 @@ def figure(report: dict[str, Any]):
              ("grad_peak_per_param", "gradients (peak live)", "tab:orange"),
              ("state_per_param", "optimizer state", "tab:green"),
              ("correction_per_param", "master-weight correction", "tab:purple")]
-    for y, (c, r) in enumerate(rows):
+    for y, (_, r) in enumerate(rows):
         left = 0.0
         for key, label, color in parts:
             ax.barh(y, r[key], left=left, color=color, label=label if y == 0 else None)
