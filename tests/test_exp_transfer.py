@@ -220,3 +220,103 @@ def test_profiles_and_registration():
     assert {c.size for c in quick} == {"quick"}
     assert all(tr.SIZES["quick"][c.task].get("dataset") != "fashion-mnist" for c in quick)
     assert replace(quick[0], seed=1) != quick[0]
+
+
+# ----------------------------------------------------------------------------- quick-profile reports
+def _grid(task, lrs, optimizers, seeds=(0,), size="quick"):
+    return [tr.Config(task=task, optimizer=o, lr=lr, seed=s, size=size)
+            for s in seeds for lr in lrs for o in optimizers]
+
+
+def test_a_tie_is_reported_as_a_tie_not_as_a_best_lr(tmp_path):
+    """The quick ResNet ends at chance (10.00 %) at every lr: the report must say "tie",
+    not pick the first lr and call it the best one at the edge of the grid."""
+    lrs = (3e-4, 1e-3, 3e-3)
+    s1 = _grid("resnet", lrs, ("adam", "adopt"))
+    for c in s1:
+        _write(tmp_path, c, 10.0, steps=16)
+    ana = tr.analyse(tr.TASKS["resnet"], tr._results(tmp_path, "resnet", s1), lrs)
+    assert ana["adam"]["ties"] == [0, 1, 2] and ana["adopt"]["ties"] == [0, 1, 2]
+    assert "ratio" not in ana and "dropin" not in ana
+    tr.report(list(s1), tmp_path)
+    text = (tmp_path / "resnet" / "report.md").read_text()
+    assert "edge of the grid" not in text
+    assert "| best lr | tie: 0.0003, 0.001, 0.003 (every lr) |" in text
+    assert "n/a: a tie" in text and "n/a: Adam's best lr is a tie" in text
+    # a best lr that is one lr is still named, with the edge note
+    _write(tmp_path, s1[0], 12.0, steps=16)  # adam at 3e-4
+    tr.report(list(s1), tmp_path)
+    text = (tmp_path / "resnet" / "report.md").read_text()
+    assert "| best lr | 0.0003 (edge of the grid) | tie: 0.0003, 0.001, 0.003 (every lr) |" in text
+
+
+def test_quick_resnet_title_matches_its_settings(tmp_path):
+    """The quick profile's ResNet is a ResNet-8 on MNIST-5k digits; its report and plot must
+    not be titled as the full profile's ResNet-20 on Fashion-MNIST."""
+    assert tr.SIZES["quick"]["resnet"]["depth"] == 8
+    assert tr.task_title(tr.TASKS["resnet"], "quick") == "ResNet-8 on a MNIST-5k subset"
+    assert tr.task_title(tr.TASKS["resnet"], "full") == "ResNet-20 on a Fashion-MNIST subset"
+    s1 = _grid("resnet", (1e-3, 3e-3), ("adam", "adopt"))
+    for i, c in enumerate(s1):
+        _write(tmp_path, c, 50.0 + i, steps=16)
+    tr.report(list(s1), tmp_path)
+    text = (tmp_path / "resnet" / "report.md").read_text()
+    assert "# Switching from Adam: ResNet-8 on a MNIST-5k subset" in text
+    assert "ResNet-20" not in text and "Fashion" not in text
+
+
+def test_warmup_is_long_enough_to_act_on_adopt(tmp_path):
+    """ADOPT's first step does not move the parameters, so a 1-2 step warmup leaves its
+    runs unchanged: the stage-2 warmup lasts at least 3 steps (5 % of 20 steps rounds to 1)."""
+    s1 = _stage1(seeds=(0,))
+    for c in s1:
+        _write(tmp_path, c, LOSS.get((c.optimizer, c.lr), 1.25), steps=20)
+    sweep = tr.plan(list(s1), tmp_path, eight_bit=False)
+    assert {c.warmup_steps for c in sweep if c.warmup_steps} == {tr.MIN_WARMUP_STEPS} == {3}
+    # with 3 steps, ADOPT's second step (its first update) runs at 2/3 of the lr
+    p = torch.nn.Parameter(torch.ones(3))
+    from adoptim import ADOPT
+
+    moved = []
+    for warmup in (0, 2, 3):
+        p.data.fill_(1.0)
+        opt = ADOPT([p], lr=0.1, foreach=False)
+        with tr.linear_warmup(warmup):
+            for _ in range(2):
+                p.grad = torch.ones(3)
+                opt.step()
+        moved.append(1.0 - float(p.detach()[0]))
+    assert moved[0] == pytest.approx(moved[1])  # 2 steps of warmup: no effect on ADOPT
+    assert moved[2] == pytest.approx(moved[0] * 2 / 3)
+
+
+def test_plot_y_range_holds_every_plotted_value(tmp_path):
+    """No plotted point may fall outside the axes (the MNIST-5k plot cut off the cells below
+    53 %): here one lr ends at 40 % and one at chance, far below the best cell's 95 %."""
+    task = tr.TASKS["mlp-mnist5k"]
+    lrs = (1e-4, 1e-3, 1e-2, 3e-2)
+    acc = {1e-4: 80.0, 1e-3: 95.0, 1e-2: 40.0, 3e-2: 10.0}
+    s1 = _grid(task.name, lrs, ("adam", "adopt"), seeds=(0, 1))
+    for c in s1:
+        _write(tmp_path, c, acc[c.lr] + c.seed - (5 if c.optimizer == "adopt" else 0))
+    results = tr._results(tmp_path, task.name, s1)
+    ana = tr.analyse(task, results, lrs)
+
+    class Capture:
+        def figure(self, fig, filename, caption=""):
+            self.fig = fig
+
+    cap = Capture()
+    tr._plot(task, task.title, results, ana, tmp_path, cap)
+    ax = cap.fig.axes[0]
+    lo, hi = ax.get_ylim()
+    from matplotlib.collections import LineCollection, PathCollection
+
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]  # means, caps
+    ys += [y for col in ax.collections if isinstance(col, PathCollection)  # scatter
+           for _, y in col.get_offsets()]
+    ys += [y for col in ax.collections if isinstance(col, LineCollection)  # error bars
+           for seg in col.get_segments() for _, y in seg]
+    ys = [float(y) for y in ys if math.isfinite(float(y))]
+    assert min(ys) <= 6.0  # the chance-level points were drawn
+    assert all(lo <= y <= hi for y in ys), (lo, hi, sorted(ys)[:5])

@@ -356,3 +356,36 @@ def test_reproduce_help_and_readme_give_the_same_times(capsys):
         assert time_text in help_text, profile
         assert f"--{profile}" in readme and time_text in readme, profile
     assert "a few minutes" not in help_text and "one CPU core" not in help_text
+
+
+def test_quick_reports_say_in_their_first_line_that_they_are_smoke_tests(tmp_path,
+                                                                          monkeypatch):
+    """Every report written by `adoptim reproduce --quick` (an experiment may write several)
+    opens with the smoke-test line, so that its numbers are not read as results; --full
+    reports do not."""
+    def run(sweep, out, progress=True):
+        run_sweep(sweep, out, _train, name="fake", progress=progress)
+
+    def report(sweep, out):
+        Report(out / "part", "a part").write()  # a second report, as transfer writes
+        return Report(out, "fake").write()
+
+    fake = Experiment("fake", "a fake experiment", lambda: [Cfg(steps=1)],
+                      lambda: [Cfg(steps=2)], run, report)
+    monkeypatch.setitem(REGISTRY, "fake", "unused.module")
+    monkeypatch.setattr(reproduce_mod, "get_experiment", lambda name: fake)
+    from adoptim.tools.cli import main
+
+    for profile in ("quick", "full"):
+        assert main(["reproduce", "fake", f"--{profile}", "--out", str(tmp_path),
+                     "--no-progress"]) == 0
+        root = tmp_path / profile
+        for path in (root / "fake" / "report.md", root / "fake" / "part" / "report.md",
+                     root / "README.md"):
+            first = path.read_text().splitlines()[0]
+            if profile == "quick":
+                assert "Smoke test" in first and "say nothing about" in first, (path, first)
+            else:
+                assert "Smoke test" not in path.read_text(), path
+    # outside reproduce --quick (a module's own CLI, --full) a report starts with its title
+    assert Report(tmp_path / "x", "T").write().read_text().startswith("# T\n")

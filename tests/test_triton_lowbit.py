@@ -45,7 +45,6 @@ from integration_paths import fused_unavailable_reason
 import adoptim.paths.foreach as foreach_module
 import adoptim.paths.forloop as forloop_module
 from adoptim import ADOPT
-from adoptim.formats import blockwise8_step as _lowbit
 from adoptim.kernels.cpu import launch as _cpu_kernel
 from adoptim.kernels.cpu import launch8 as _lowbit_kernel
 from adoptim.kernels.triton import launch as _triton_kernel
@@ -394,7 +393,15 @@ def test_path_choice_on_cuda(monkeypatch):
     from adoptim import functional
 
     seen = []
-    monkeypatch.setattr(_lowbit, "adopt_8bit", lambda *a, path, **kw: seen.append(path))
+    monkeypatch.setattr(  # the Triton 8-bit launcher takes everything ...
+        _triton_lowbit, "triton_adopt_8bit", lambda index, *a, **kw: seen.append("triton") or []
+    )
+    monkeypatch.setattr(  # ... else the unfused path named by the function it runs
+        functional, "run_unfused",
+        lambda path, *a, **kw: seen.append(
+            "foreach" if path is foreach_module.multi_tensor_adopt else "forloop"
+        ),
+    )  # fmt: skip
     monkeypatch.setattr(_triton_kernel, "GPU_DEVICE_TYPES", ("cuda", "meta"))
     monkeypatch.setattr(functional, "_default_foreach", lambda params, differentiable: True)
     monkeypatch.setattr(_triton_kernel, "triton_installed", lambda: True)

@@ -1,14 +1,16 @@
 """The functional form of ADOPT, :func:`adopt`, and the rule that picks the path a step takes.
 
-Paths, one module each, all with this signature (tensor lists by position, scalars by
-keyword):
+Paths (the update maths is :mod:`adoptim.update`, written once per language):
 
-* :mod:`adoptim.paths.forloop`: one tensor at a time, the readable definition;
-* :mod:`adoptim.paths.foreach`: the same operations on whole buckets of tensors;
-* :mod:`adoptim.kernels.cpu.launch`: the fused C++ kernel on CPU tensors.
+* the Triton kernel (:mod:`adoptim.kernels.triton`): CUDA/ROCm parameters with ``fused=True``;
+* the C++ kernel (:mod:`adoptim.kernels.cpu`): CPU parameters, by default where it builds;
+* the foreach path (:mod:`adoptim.paths.foreach`): the default on CUDA otherwise;
+* the for-loop path (:mod:`adoptim.paths.forloop`): everything else, and what a kernel
+  leaves (tensors it cannot walk, every tensor while the C++ kernel is still being built).
 
-Float32 state for low-precision parameters and GradScaler unscaling are handled around the
-unfused paths by :func:`adoptim.formats.state.run_unfused`, and inside the kernel.
+Every path computes the same bits; each tensor's state format (float or 8-bit moments,
+low-precision parameters) is loaded and stored around the unfused paths by
+:func:`adoptim.paths.run.run_unfused`, and inside the kernels.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import torch
 from torch import Tensor
 
 from adoptim._utils import as_scalar, is_compiling
-from adoptim.formats import blockwise8_step as _lowbit
-from adoptim.formats.state import run_unfused
+from adoptim.distributed import sharded as _sharded
+from adoptim.formats.blockwise8 import BLOCK
 from adoptim.kernels.cpu import launch as _cpu_kernel
+from adoptim.kernels.cpu import launch8 as _cpu_kernel_8bit
 from adoptim.kernels.triton import launch as _triton_kernel
 from adoptim.paths import foreach as _foreach
 from adoptim.paths import forloop as _forloop
+from adoptim.paths.run import FOREACH_CHUNK_ELEMENTS, run_unfused
 
 __all__ = ["adopt"]
 
@@ -71,6 +75,7 @@ def adopt(
     stochastic_rounding: bool = False,
     exp_avg_scales: list[Tensor | None] | None = None,
     exp_avg_sq_scales: list[Tensor | None] | None = None,
+    master_corrections: list[Tensor | None] | None = None,
 ) -> None:
     """Functional ADOPT: update ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps``
     in place. See :class:`ADOPT` for the algorithm and the arguments.
@@ -80,19 +85,33 @@ def adopt(
     Moments wider than their parameter (float32 state for bfloat16) make the update run in
     float32 and round the parameter once (``stochastic_rounding`` for bfloat16).
     Tensors with a block scale in ``exp_avg_scales``/``exp_avg_sq_scales`` have 8-bit
-    moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see :mod:`adoptim.formats.blockwise8_step`) and
-    take the same path as the others.
+    moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see
+    :mod:`adoptim.formats.blockwise8`) and take the same path as the others.
+    Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
+    :mod:`adoptim.formats.master`) are stepped on their float32 master weights, on the
+    unfused paths only (the kernels do not take the correction yet).
     """
-    # The Triton kernels (CUDA, or CPU under ADOPTIM_FUSED_BACKEND=triton): the float one
-    # reads found_inf on the device; the other paths, and every 8-bit path (whose step
-    # counts are on the host), read it here.
+    n = len(params)
+    scales = [None] * n
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        scales = [None if m is None else (m, v) for m, v in zip(exp_avg_scales, exp_avg_sq_scales)]
+    eight_bit = [i for i, s in enumerate(scales) if s is not None]
+    corrections = master_corrections if master_corrections is not None else [None] * n
+    corrected = [i for i, c in enumerate(corrections) if c is not None]
+
+    # 1. The path: a kernel (Triton on GPUs, C++ on CPUs) or the unfused paths.
     triton = _triton_kernel.selected(
         params, fused=fused, foreach=foreach, differentiable=differentiable
     )
-    eight_bit = exp_avg_scales is not None and any(s is not None for s in exp_avg_scales)
-    if found_inf is not None and (eight_bit or not triton) and found_inf.item() != 0:
+    cpu_kernel = not triton and (
+        fused is True
+        or (fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable))
+    )
+    # 2. GradScaler found inf/NaN: nothing moves. The float Triton kernel reads the flag on
+    # the device (no sync, CUDA graphs); everything else reads it here, once.
+    if found_inf is not None and (eight_bit or corrected or not triton) and found_inf.item() != 0:
         return
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+
     # Host-side scalars are cheapest; tensors keep compiled and captured steps sync-free.
     as_tensors = capturable or differentiable or is_compiling()
     lr, beta1, beta2 = (as_scalar(x, on_host=not as_tensors) for x in (lr, beta1, beta2))
@@ -102,58 +121,73 @@ def adopt(
         # tensor it stays a graph input, and the paths take the tensor-lr route.
         lr = torch.zeros((), dtype=torch.float64, device=params[0].device) + lr
     kwargs = dict(
-        scalars_as_tensors=as_tensors,
-        has_complex=has_complex,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        clip_exp=clip_exp,
-        clip_fn=clip_fn,
-        weight_decay=weight_decay,
-        decouple=decouple,
-        maximize=maximize,
-        nesterov=nesterov,
-        caution=caution,
-        grad_scale=grad_scale,
-        stochastic_rounding=stochastic_rounding,
-    )
-    use_fused = fused is True or (
-        fused is None and foreach is None and _cpu_kernel.default_to_fused(params, differentiable)
-    )
-    if eight_bit:
-        quantized = [i for i, s in enumerate(exp_avg_scales) if s is not None]
-        use_foreach = foreach if foreach is not None else _default_foreach(params, differentiable)
-        path = "foreach" if use_foreach else "forloop"
-        _lowbit.adopt_8bit(
-            quantized, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs,
-            exp_avg_sq_scales, state_steps,
-            path="triton" if triton else "fused" if use_fused else path,
-            strict=fused is True, **kwargs,
-        )  # fmt: skip
-        rest = [i for i, s in enumerate(exp_avg_scales) if s is None]
-        if not rest:
-            return
-        lists = tuple([seq[i] for i in rest] for seq in lists)
-        params = lists[0]
-    if triton:
-        # fused=True: a failed compile raises; under the default it warns and falls back.
-        left = _triton_kernel.triton_adopt(
-            *lists, strict=fused is True, found_inf=found_inf, **kwargs
-        )
+        scalars_as_tensors=as_tensors, has_complex=has_complex, lr=lr, beta1=beta1,
+        beta2=beta2, eps=eps, clip_exp=clip_exp, clip_fn=clip_fn, weight_decay=weight_decay,
+        decouple=decouple, maximize=maximize, nesterov=nesterov, caution=caution,
+        grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+    )  # fmt: skip
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+
+    # 3. The kernel takes what it can and says what it left: tensors it cannot walk, all of
+    # them while the C++ kernel is still being built (fused=True: a failed build raises).
+    # Under torch.compile the kernels have no tracing rules: the for-loop path runs, which
+    # Inductor fuses into one loop per tensor (and nothing of the kernels' caches is traced).
+    left = list(range(n))
+    if (triton or cpu_kernel) and not is_compiling() and len(corrected) < n:
+        # tensors with a master-weight correction skip the kernels (which lack it)
+        plain = [i for i in range(n) if corrections[i] is None]
+        sub = tuple([seq[i] for i in plain] for seq in lists) if corrected else lists
+        sub_scales = [scales[i] for i in plain] if corrected else scales
+        kernel_left = _run_kernel(triton, sub, sub_scales, found_inf=found_inf,
+                                  strict=fused is True, **kwargs)  # fmt: skip
+        left = sorted(corrected + [plain[k] for k in kernel_left])
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
-        lists = tuple([seq[i] for i in left] for seq in lists)  # layouts it cannot walk
-        foreach = _default_foreach(lists[0], differentiable)
-        use_fused = False
-    if use_fused:
-        # fused=True asked for the kernel: a failed build raises instead of falling back.
-        left = _cpu_kernel.fused_adopt(*lists, strict=fused is True, **kwargs)
-        if left:  # the kernel is still being built, or cannot walk these tensors
-            lists = tuple([seq[i] for i in left] for seq in lists)
-            run_unfused(_forloop.single_tensor_adopt, *lists, **kwargs)
-        return
+        foreach = _default_foreach([params[i] for i in left], differentiable)
+
+    # 4. The rest on the foreach or for-loop path, each tensor's format loaded around it.
     if foreach is None:
         foreach = _default_foreach(params, differentiable)
     path = _foreach.multi_tensor_adopt if foreach else _forloop.single_tensor_adopt
-    run_unfused(path, *lists, **kwargs)
+    if len(left) < n:
+        lists = tuple([seq[i] for i in left] for seq in lists)
+        scales = [scales[i] for i in left]
+        corrections = [corrections[i] for i in left]
+    run_unfused(path, *lists, scales=scales, corrections=corrections,
+                budget=FOREACH_CHUNK_ELEMENTS if foreach else 0, **kwargs)  # fmt: skip
+
+
+def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, **kwargs) -> list[int]:
+    """Step what the Triton (``triton``) or C++ kernel takes; return the indices it left."""
+    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
+    float_idx = [i for i, s in enumerate(scales) if s is None]
+    eight_idx = [i for i, s in enumerate(scales) if s is not None]
+    left: list[int] = []
+    if float_idx:
+        sub = tuple([seq[i] for i in float_idx] for seq in lists)
+        if triton:
+            rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf, **kwargs)
+        else:
+            rest = _cpu_kernel.fused_adopt(*sub, strict=strict, **kwargs)
+        left += [float_idx[k] for k in rest]
+    if eight_idx:
+        # DTensors (FSDP2): the kernels step each rank's local shard and its local codes
+        p8, g8 = list(params), list(grads)
+        codes = [None] * len(params)
+        for i in eight_idx:
+            state = (exp_avgs[i], scales[i][0], exp_avg_sqs[i], scales[i][1])
+            if _sharded.is_dtensor(params[i]):
+                p8[i], g8[i], state = _sharded.local_views(params[i], grads[i], state, BLOCK)
+            codes[i] = state
+        m_codes, m_scales, v_codes, v_scales = (
+            [c[k] if c is not None else None for c in codes] for k in range(4)
+        )
+        if triton:
+            from adoptim.kernels.triton import launch8
+
+            launch_8bit = launch8.triton_adopt_8bit
+        else:
+            launch_8bit = _cpu_kernel_8bit.fused_adopt_8bit
+        left += launch_8bit(eight_idx, p8, g8, m_codes, m_scales, v_codes, v_scales,
+                            state_steps, strict=strict, **kwargs)  # fmt: skip
+    return sorted(left)

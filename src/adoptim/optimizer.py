@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adoptim.convert import from_adam
+from adoptim.formats import master as _master
 from adoptim.formats import state as _state
 from adoptim.functional import adopt
 from adoptim.kernels.cpu import build as _kernel_cache
@@ -36,7 +37,7 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 # Param-group flags that choose how the step runs rather than what it computes.
 _PATH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 # Param-group options that choose the format of the moments (loading converts between them).
-_FORMAT_FLAGS = ("state_dtype", "min_8bit_size")
+_FORMAT_FLAGS = ("state_dtype", "min_8bit_size", "master_weight_bits")
 
 
 def _check_range(
@@ -121,7 +122,7 @@ class ADOPT(Optimizer):
             with the same ``clip_lambda`` again, then load. It is called with the step as a
             Python number, or as a tensor under ``torch.compile``/``capturable``/
             ``differentiable``.
-        weight_decay: >= 0 (default 0).
+        weight_decay: the weight-decay coefficient, at least 0 (default 0).
         decouple: False adds ``weight_decay * theta`` to the gradient on every call (L2, so
             it enters v); True multiplies theta by ``1 - lr * weight_decay`` on the calls that
             update it, as AdamW does (see :class:`ADOPTW`).
@@ -162,6 +163,21 @@ class ADOPT(Optimizer):
         min_8bit_size: with ``state_dtype="8bit"``, tensors with fewer (real) elements keep
             float32 state (default 4096, the threshold bitsandbytes and torchao use: small
             tensors hold little memory, and biases and norms are the most sensitive).
+        master_weight_bits: ``None`` (default): bfloat16/float16 parameters are rounded
+            after every step, and updates under half an ulp are lost. ``24``: each
+            bfloat16/float16 element keeps an 8-bit correction (state ``master_correction``,
+            int8, shaped like it) so that the update runs on a 24-bit master weight and the
+            parameter the model sees is always its nearest bf16 (rounded stochastically on
+            the 24-bit grid: unbiased). ``32``: a 16-bit correction, float32 master weights
+            (for bf16 exactly a float32-parameter run's). Float32/float64/complex
+            parameters ignore it. Format and measurements: :mod:`adoptim.formats.master`,
+            ``docs/memory.md``; float32 weights out and in:
+            :meth:`get_fp32_model_state_dict`, :meth:`set_fp32_model_state_dict`. Works
+            with every ``state_dtype``; not with ``fused=True`` (the kernels do not take the
+            correction yet: such tensors run the for-loop path, foreach on CUDA),
+            ``stochastic_rounding``, ``capturable``, ``differentiable`` or DTensor
+            parameters. A numerics check warns once (:class:`~adoptim.formats.master.
+            UpdateStallWarning`) when most updates of a bf16/fp16 tensor leave it unchanged.
 
     Example::
 
@@ -201,6 +217,7 @@ class ADOPT(Optimizer):
         nesterov: bool = False,
         caution: bool = False,
         min_8bit_size: int = 4096,
+        master_weight_bits: int | None = None,
     ) -> None:
         _check_range("learning rate", lr, 0.0, short="lr")
         _check_range("epsilon value (eps)", eps, 0.0)
@@ -235,9 +252,12 @@ class ADOPT(Optimizer):
             nesterov=bool(nesterov),
             caution=bool(caution),
             min_8bit_size=_state.check_min_8bit_size(min_8bit_size),
+            master_weight_bits=_master.check_master_weight_bits(master_weight_bits),
         )
         super().__init__(params, defaults)
         _state.check_8bit_groups(self.param_groups, fused=fused)
+        _master.check_groups(self.param_groups, fused=fused)
+        self._numerics = _master.NumericsCheck()
         if fused:
             all_params = [p for group in self.param_groups for p in group["params"]]
             # CUDA/ROCm parameters (or CPU ones under ADOPTIM_FUSED_BACKEND=triton): Triton.
@@ -281,6 +301,8 @@ class ADOPT(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("caution", False)
             group.setdefault("min_8bit_size", 4096)
+            group.setdefault("master_weight_bits", None)
+        self.__dict__.setdefault("_numerics", _master.NumericsCheck())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by ADOPT, ADOPTW or torch-adopt's ADOPT.
@@ -309,6 +331,7 @@ class ADOPT(Optimizer):
         for group, flags in zip(self.param_groups, kept_format):
             group.update(flags)  # this optimizer's state format: 8-bit <-> float converts
         _state.restore_state_dtypes(self, state_dict)  # torch cast float32 moments to bf16
+        _master.restore_after_load(self, state_dict)  # and int8/int16 corrections to bf16
         for group, flags in zip(self.param_groups, kept):
             group.update(flags)
             for p in group["params"]:  # `step` on the device only when capturable
@@ -390,12 +413,16 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
         scales: tuple[list, list] | None = None,
+        corrections: list | None = None,
+        candidates: Iterable[Tensor] | None = None,
     ) -> bool:
         """Collect the tensors that have a gradient on this call, creating state on first
         sight; return whether any of them is complex. ``scales`` collects the block scales
-        of 8-bit moments (None for the others)."""
+        of 8-bit moments (None for the others), ``corrections`` the master-weight
+        corrections (None for tensors without). ``candidates``: only these parameters of the
+        group (default: all of them)."""
         has_complex = False
-        for p in group["params"]:
+        for p in group["params"] if candidates is None else candidates:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -405,7 +432,8 @@ class ADOPT(Optimizer):
                 )
             has_complex |= torch.is_complex(p)
             state = self.state[p]
-            if len(state) == 0:
+            # (a correction may exist before the first step: set_fp32_model_state_dict)
+            if "step" not in state:
                 # `step` lives on the host unless capturable, so that reading it costs no
                 # device sync (as in torch.optim.Adam).
                 step_device = _state.step_device(p, group)
@@ -421,6 +449,13 @@ class ADOPT(Optimizer):
             if scales is not None:
                 scales[0].append(state.get("exp_avg_scale"))
                 scales[1].append(state.get("exp_avg_sq_scale"))
+            if corrections is not None:
+                if _master.has_correction(p, group) and _master.STATE_KEY not in state:
+                    # new, or from a checkpoint without one: the master weight is the param
+                    state[_master.STATE_KEY] = _master.new_correction(
+                        p, group["master_weight_bits"]
+                    )
+                corrections.append(state.get(_master.STATE_KEY))
         return has_complex
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -434,50 +469,122 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        checked = self._numerics.before(self)  # every CHECK_EVERY calls of a bf16 tensor
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             for group in self.param_groups:
-                params: list[Tensor] = []
-                grads: list[Tensor] = []
-                exp_avgs: list[Tensor] = []
-                exp_avg_sqs: list[Tensor] = []
-                state_steps: list[Tensor] = []
-                scales: tuple[list, list] = ([], [])
-                has_complex = self._init_group(
-                    group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales
-                )
-                if not params:
-                    continue
-                beta1, beta2 = group["betas"]
-                adopt(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    state_steps,
-                    foreach=group["foreach"],
-                    fused=group["fused"],
-                    # Set by torch.amp.GradScaler for fused=True (_step_supports_amp_scaling).
-                    grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None),
-                    stochastic_rounding=group["stochastic_rounding"],
-                    capturable=group["capturable"],
-                    differentiable=group["differentiable"],
-                    has_complex=has_complex,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    clip_exp=group["clip_exp"],
-                    clip_fn=self.clip_lambda,
-                    weight_decay=group["weight_decay"],
-                    decouple=group["decouple"],
-                    maximize=group["maximize"],
-                    nesterov=group["nesterov"],
-                    caution=group["caution"],
-                    exp_avg_scales=scales[0],
-                    exp_avg_sq_scales=scales[1],
-                )
+                self._step_group(group)
+        self._numerics.after(self, checked)
         return loss
+
+    # --- Stepping some of the parameters: step() and step_params() share _step_group -------
+    # (gradient release, adoptim.release, steps each parameter as soon as its gradient is
+    # final; the per-group body is written once so that both compute the same bits.)
+
+    def _step_group(
+        self, group: dict[str, Any], candidates: Iterable[Tensor] | None = None
+    ) -> None:
+        """The body of :meth:`step` for one param group: step those of ``candidates``
+        (default: all of the group's parameters) that have a gradient."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        scales: tuple[list, list] = ([], [])
+        corrections: list = []
+        has_complex = self._init_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, state_steps, scales, corrections,
+            candidates,
+        )  # fmt: skip
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adopt(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            # Set by torch.amp.GradScaler for fused=True (_step_supports_amp_scaling).
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            stochastic_rounding=group["stochastic_rounding"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            has_complex=has_complex,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            clip_exp=group["clip_exp"],
+            clip_fn=self.clip_lambda,
+            weight_decay=group["weight_decay"],
+            decouple=group["decouple"],
+            maximize=group["maximize"],
+            nesterov=group["nesterov"],
+            caution=group["caution"],
+            exp_avg_scales=scales[0],
+            exp_avg_sq_scales=scales[1],
+            master_corrections=corrections,
+        )
+
+    def step_params(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params`` (each must be in one of this optimizer's param groups), with
+        the same state creation and the same functional call as :meth:`step`, at a cost
+        proportional to ``len(params)``, not to the number of parameters. Parameters without
+        a gradient are skipped, as in :meth:`step`. Step hooks
+        (``register_step_pre_hook``/``register_step_post_hook``) do not run: this is one
+        piece of a step, used by :func:`adoptim.enable_gradient_release`.
+        """
+        index = self._group_index()
+        by_group: dict[int, list[Tensor]] = {}
+        for p in params:
+            gi = index.get(p)
+            if gi is None:  # a group added or replaced since the index was built
+                index = self._group_index(rebuild=True)
+                gi = index.get(p)
+                if gi is None:
+                    raise ValueError(
+                        f"step_params: a parameter of shape {tuple(p.shape)} is in none of "
+                        "this optimizer's param groups"
+                    )
+            by_group.setdefault(gi, []).append(p)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for gi, group_params in by_group.items():
+                self._step_group(self.param_groups[gi], group_params)
+
+    def _group_index(self, rebuild: bool = False) -> dict[Tensor, int]:
+        """Parameter -> index of its param group, cached; rebuilt when the group list was
+        replaced (load_state_dict) or grew (add_param_group), or on request."""
+        cached = self.__dict__.get("_group_index_cache")
+        groups = self.param_groups
+        if rebuild or cached is None or cached[0] is not groups or cached[1] != len(groups):
+            index = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
+            cached = (groups, len(groups), index)
+            self.__dict__["_group_index_cache"] = cached
+        return cached[2]
+
+    # --- end of the subset stepping ---------------------------------------------------------
+
+    def get_fp32_model_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """``model.state_dict()`` in float32, for export or evaluation: each parameter with a
+        master-weight correction (``master_weight_bits``) as its master weight (bf16 +
+        correction), every other floating-point parameter and buffer as a float32 copy,
+        integer buffers as they are. New tensors: changing them changes nothing here."""
+        return _master.fp32_model_state_dict(self, model)
+
+    def set_fp32_model_state_dict(
+        self, model: torch.nn.Module, state_dict: dict[str, Tensor], *, strict: bool = True
+    ) -> None:
+        """Load float32 weights into ``model`` (e.g. bf16): each parameter that takes a
+        correction gets the nearest bf16/fp16 of the weight and a correction holding the
+        rest (exactly, with ``master_weight_bits=32``; to 24 bits, rounded to nearest even,
+        with 24), so that :meth:`get_fp32_model_state_dict` gives the weights back; other
+        entries are copied with a cast. Optimizer moments are not touched. ``strict``:
+        missing or unexpected keys raise a KeyError, as ``Module.load_state_dict`` does."""
+        _master.load_fp32_model_state_dict(self, model, state_dict, strict=strict)
 
     def moments(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """``(m, v)`` of parameter ``p`` as new float32 tensors shaped like it (complex64 for
@@ -513,6 +620,7 @@ class ADOPTW(ADOPT):
         nesterov: bool = False,
         caution: bool = False,
         min_8bit_size: int = 4096,
+        master_weight_bits: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -532,4 +640,5 @@ class ADOPTW(ADOPT):
             nesterov=nesterov,
             caution=caution,
             min_8bit_size=min_8bit_size,
+            master_weight_bits=master_weight_bits,
         )

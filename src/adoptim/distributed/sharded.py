@@ -2,7 +2,7 @@
 other meshes whose placements are ``Shard(dim)`` (torch.chunk sharding) or ``Replicate()``.
 
 Each rank quantizes its local shard: the local shard's real elements, flattened, are cut into
-blocks of :data:`adoptim.formats.blockwise8.BLOCK` exactly as a plain tensor's are, and every update path
+blocks (of the format's size, ``block``) exactly as a plain tensor's are, and every update path
 (for-loop, foreach, fused kernel) runs on the local tensors (:func:`local_views`). The step's
 rounding seed is the plain one of the local shard (:func:`adoptim.formats.blockwise8.state_seed` of its
 call count and local size), so with one rank the state is bit-for-bit that of a plain tensor.
@@ -38,8 +38,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from adoptim.formats import blockwise8 as _quant
 
 __all__ = [
     "as_sharded",
@@ -100,7 +98,7 @@ def _largest_local_numel(p: Tensor) -> int:
     return math.prod(shape)
 
 
-def _scale_layout(p: Tensor) -> tuple[list[Any], tuple[int, ...]]:
+def _scale_layout(p: Tensor, block: int) -> tuple[list[Any], tuple[int, ...]]:
     """(placements, global shape) of the block scales of the DTensor ``p``."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -111,7 +109,7 @@ def _scale_layout(p: Tensor) -> tuple[list[Any], tuple[int, ...]]:
         sharded = placement.is_shard()
         placements.append(Shard(mesh_dim) if sharded else Replicate())
         shape.append(mesh.size(mesh_dim) if sharded else 1)
-    shape.append(_quant.num_blocks(_largest_local_numel(p)))
+    shape.append(-(-_largest_local_numel(p) // block))
     return placements, tuple(shape)
 
 
@@ -124,13 +122,13 @@ def _from_local(local: Tensor, p: Tensor, placements: Any, shape: tuple[int, ...
     )  # fmt: skip
 
 
-def new_sharded_state(p: Tensor) -> dict[str, Tensor]:
+def new_sharded_state(p: Tensor, block: int) -> dict[str, Tensor]:
     """Zero 8-bit state for the DTensor ``p`` (layout: module docstring)."""
     local = p.to_local()
     device = local.device
     real_local = _real_shape(local)
     real_global = _real_shape(p)
-    scale_placements, scale_shape = _scale_layout(p)
+    scale_placements, scale_shape = _scale_layout(p, block)
     scale_local = (1,) * len(p.placements) + (scale_shape[-1],)
     state = {}
     for key, dtype in (("exp_avg", torch.int8), ("exp_avg_sq", torch.uint8)):
@@ -154,22 +152,22 @@ def local_flat(t: Tensor) -> Tensor:
 
 
 def local_views(
-    p: Tensor, g: Tensor | None, state: tuple[Tensor, Tensor, Tensor, Tensor]
+    p: Tensor, g: Tensor | None, state: tuple[Tensor, Tensor, Tensor, Tensor], block: int
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The local parameter and gradient and the flat local (m codes, m scales, v codes,
     v scales) of a parameter with 8-bit state, all sharing the storage: the update paths step
     these as they step a plain tensor (a plain parameter's own tensors)."""
     m_codes, m_scales, v_codes, v_scales = (local_flat(t) for t in state)
-    blocks = _quant.num_blocks(m_codes.numel())
+    blocks = -(-m_codes.numel() // block)
     local_p = p.to_local() if is_dtensor(p) else p
     local_g = g.to_local() if g is not None and is_dtensor(g) else g
     return local_p, local_g, (m_codes, m_scales[:blocks], v_codes, v_scales[:blocks])
 
 
-def check_sharded_state(p: Tensor, state: dict[str, Any]) -> None:
+def check_sharded_state(p: Tensor, state: dict[str, Any], block: int) -> None:
     """Refuse 8-bit state of the DTensor ``p`` whose layout is not the one it would create
     (e.g. plain tensors from an unsharded run, or another sharding)."""
-    _, scale_shape = _scale_layout(p)
+    _, scale_shape = _scale_layout(p, block)
     want = {
         "exp_avg": (_real_shape(p), torch.int8),
         "exp_avg_sq": (_real_shape(p), torch.uint8),

@@ -27,7 +27,7 @@ seeds), the bar; it says plainly where it is not (:func:`compare`). Each run als
 its optimizer's state in bytes per parameter, which shows that the 8-bit state was in use.
 
     adoptim reproduce lowbit --quick      # seconds: tiny sizes, 2 seeds, no torchao arm
-    adoptim reproduce lowbit --full       # 32 runs, seeds 1-3: about 35 min on 2 cores
+    adoptim reproduce lowbit --full       # 32 runs, seeds 1-3: about 57 min on 2 cores
     adoptim reproduce lowbit --full --report-only --publish docs/results
     python -m adoptim.experiments.lowbit --task vae --optimizer adopt-8bit --size quick
 """

@@ -16,6 +16,7 @@ the reason (and how to get the data), the others still run, and the exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from adoptim.experiments import REGISTRY, get_experiment
 from adoptim.experiments.data import DataUnavailableError
-from adoptim.experiments.runner import load_results
+from adoptim.experiments.runner import SMOKE_TEST_LINE, load_results, smoke_test
 
 __all__ = ["PAPER", "PROFILE_TIMES", "add_arguments", "reproduce", "run"]
 
@@ -84,6 +85,8 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
     root = Path(out) / profile
     root.mkdir(parents=True, exist_ok=True)
     lines = [f"# adoptim reproduce --{profile}\n"]
+    if profile == "quick":
+        lines.insert(0, SMOKE_TEST_LINE.format(profile=profile) + "\n")
     skipped: dict[str, str] = {}
     for name in names:
         exp = get_experiment(name)
@@ -98,7 +101,9 @@ def reproduce(names: list[str], profile: str, out: Path, progress: bool = True,
                 skipped[name] = str(e)
                 print(f"[{name}] SKIPPED, data missing: {e}", flush=True)
                 continue
-        path = exp.report(sweep, exp_dir)
+        # a quick report says in its first line that it is a smoke test (runner.smoke_test)
+        with smoke_test(profile) if profile == "quick" else contextlib.nullcontext():
+            path = exp.report(sweep, exp_dir)
         dt = time.time() - t0
         print(f"[{name}] report: {path}  ({dt:.0f} s)", flush=True)
         if publish_to is not None:

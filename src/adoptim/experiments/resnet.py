@@ -410,8 +410,8 @@ def report(sweep, out: Path) -> Path:
 
 EXPERIMENT = Experiment(
     name="resnet",
-    description="ResNet-20 on Fashion-MNIST or MNIST-5k (or CIFAR-10): Adam vs ADOPT, "
-                "with/without warmup",
+    description="ResNet (ResNet-20; ResNet-8 in the quick profile) on Fashion-MNIST or MNIST-5k "
+                "(or CIFAR-10): Adam vs ADOPT, with/without warmup",
     quick=quick_sweep,
     full=full_sweep,
     run=run,

@@ -60,6 +60,8 @@ toy experiment runs all seeds in one tensor), as long as ``report`` writes ``rep
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import hashlib
@@ -99,6 +101,7 @@ __all__ = [
     "run_sweep",
     "save_figure",
     "seed_everything",
+    "smoke_test",
     "set_threads",
     "summarize",
     "tail_label",
@@ -465,13 +468,44 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+# Set by `adoptim reproduce --quick` while the reports are written (see smoke_test).
+_SMOKE_TEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("smoke_test",
+                                                                        default=None)
+SMOKE_TEST_LINE = (
+    "> **Smoke test ({profile} profile): these numbers say nothing about the optimizers' "
+    "quality.** Tiny models, a few steps and seeds, to check that the experiment runs end to "
+    "end and writes its report; the results are the full profile's (`adoptim reproduce "
+    "--full`, published in docs/results).")
+
+
+@contextlib.contextmanager
+def smoke_test(profile: str = "quick"):
+    """While active, every :class:`Report` created starts with :data:`SMOKE_TEST_LINE` as its
+    first line: ``adoptim reproduce --quick`` writes its reports inside it, so that no quick
+    report can be read as a result, whichever experiment wrote it."""
+    token = _SMOKE_TEST.set(profile)
+    try:
+        yield
+    finally:
+        _SMOKE_TEST.reset(token)
+
+
+def in_smoke_test() -> bool:
+    """Whether the report being written is a smoke test's (see :func:`smoke_test`)."""
+    return _SMOKE_TEST.get() is not None
+
+
 class Report:
-    """Collects markdown (text, tables, figures) and writes ``out_dir/report.md``."""
+    """Collects markdown (text, tables, figures) and writes ``out_dir/report.md``. Inside
+    :func:`smoke_test` its first line says that it is a smoke test, before the title."""
 
     def __init__(self, out_dir: str | Path, title: str) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.parts: list[str] = [f"# {title}\n"]
+        profile = _SMOKE_TEST.get()
+        if profile is not None:
+            self.parts.insert(0, SMOKE_TEST_LINE.format(profile=profile) + "\n")
 
     def text(self, md: str) -> None:
         self.parts.append(md.strip() + "\n")

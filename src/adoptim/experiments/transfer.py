@@ -9,7 +9,8 @@ some cells:
 * **stage 1**, the lr sweep: every lr in the task's grid x {Adam(W), ADOPT(W)} x seeds, no warmup;
 * **stage 2**, derived from stage 1's *pilot seed* (the first seed of the sweep) once it has
   finished for the task: each optimizer's two best lrs again with a linear warmup over the
-  first 5 % of steps; ADOPT(W) at its best lr with beta2 0.999 (0.9999 is stage 1's default);
+  first 5 % of steps (at least MIN_WARMUP_STEPS = 3: ADOPT's first step does not move the
+  parameters, so a shorter warmup would leave its runs unchanged); ADOPT(W) at its best lr with beta2 0.999 (0.9999 is stage 1's default);
   and 8-bit ADOPT(W) at its best lr, only if ``ADOPT(..., state_dtype="8bit")`` constructs on
   this install (checked at run time; otherwise the report says it was not run, and why).
   Every stage-2 cell runs for every seed. Choosing on the pilot seed fixes stage 2 as soon as
@@ -93,6 +94,12 @@ EARLY_FRACTION = 0.05  # "early training": the first 5 % of optimizer steps
 WARMUP_FRACTION = 0.05  # stage-2 warmup length, as a fraction of the run's steps
 TOLERANCE = 0.01  # the "flat" lr range: within 1 % of the best (or one seed-spread)
 STAGE2_BETA2 = 0.999  # ADOPT's stage-2 beta2 (stage 1 runs its default, 0.9999)
+# The shortest stage-2 warmup. ADOPT's first step only stores v (theta does not move), and a
+# warmup of W steps scales steps 0 .. W-2 by 1/W .. (W-1)/W: with W = 1 nothing is scaled and
+# with W = 2 only the first step, so ADOPT's runs "with warmup" would be its runs without.
+# W >= 3 scales at least one ADOPT update. (Full profiles: W = 23 or more, unaffected; the
+# quick profile's runs are short enough for 5 % to round to 1 or 2.)
+MIN_WARMUP_STEPS = 3
 
 
 @dataclass
@@ -124,6 +131,23 @@ class Task:
     higher_is_better: bool
     read: Callable[[dict], float]  # the final metric from the task's result dict
     digits: int  # decimals in tables
+
+
+_DATASET_NAMES = {"mnist5k": "MNIST-5k", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+def task_title(task: Task, size: str) -> str:
+    """The task's title at a size preset, from the settings that preset runs (the quick
+    profile's ResNet is a ResNet-8 on MNIST-5k digits, not the full profile's ResNet-20 on
+    Fashion-MNIST; the other tasks' titles hold at both sizes)."""
+    if task.family == "resnet":
+        from adoptim.experiments import resnet
+
+        kw = SIZES[size][task.name]
+        depth = kw.get("depth", resnet.Args.depth)
+        dataset = kw.get("dataset", resnet.Args.dataset)
+        return f"ResNet-{depth} on a {_DATASET_NAMES.get(dataset, dataset)} subset"
+    return task.title
 
 
 def _acc_mlp(r: dict) -> float:
@@ -381,7 +405,7 @@ def stage2(stage1: Sequence[Config], results: dict[str, list[dict]],
         if len({json_key(r["config"]) for r in done}) < len(want):
             continue  # the pilot grid is not finished: stage 2 is not known yet
         steps = int(np.median([r["steps"] for r in done]))
-        warmup = max(1, round(WARMUP_FRACTION * steps))
+        warmup = max(MIN_WARMUP_STEPS, round(WARMUP_FRACTION * steps))
         size = grid[0].size
         top = {o: _ranked_lrs(done, o, t.higher_is_better)[:2] for o in (t.adam, t.adopt)}
         best_adopt = top[t.adopt][0]
@@ -597,9 +621,14 @@ def analyse(task: Task, results: list[dict], lrs: Sequence[float]) -> dict[str, 
         cells = [_stats(_cell(results, o, lr)) for lr in lrs]
         means = [c["mean"] if c["n"] and not c["diverged"] else math.nan for c in cells]
         finite = [i for i, m in enumerate(means) if math.isfinite(m)]
-        info: dict[str, Any] = {"cells": cells, "means": means, "best": None}
+        info: dict[str, Any] = {"cells": cells, "means": means, "best": None, "ties": []}
         if finite:
             b = max(finite, key=lambda i: sign * means[i])
+            # cells equal to the best as the report prints them: a tie, not a best lr (the
+            # quick profile's ResNet is at chance, 10.00 %, at every lr)
+            ties = [i for i in finite
+                    if round(means[i], task.digits) == round(means[b], task.digits)]
+            info["ties"] = ties if len(ties) > 1 else []
             tol = max(TOLERANCE * abs(means[b]), cells[b]["std"])
             lo, hi = lr_range(lrs, means, b, tol, task.higher_is_better)
             info.update(best=b, best_lr=lrs[b], best_stats=cells[b], tol=tol, range=(lo, hi),
@@ -607,11 +636,11 @@ def analyse(task: Task, results: list[dict], lrs: Sequence[float]) -> dict[str, 
                         range_at_edge=(lo == 0, hi == len(lrs) - 1))
         out[o] = info
     a, d = out[task.adam], out[task.adopt]
-    if a["best"] is not None:
+    if a["best"] is not None and not a["ties"]:
         at = _stats(_cell(results, task.adopt, a["best_lr"]))
         out["dropin"] = at
         out["dropin_delta"] = (at["mean"] - a["best_stats"]["mean"]) if at["n"] else math.nan
-    if a["best"] is not None and d["best"] is not None:
+    if a["best"] is not None and d["best"] is not None and not a["ties"] and not d["ties"]:
         out["ratio"] = d["best_lr"] / a["best_lr"]
     return out
 
@@ -660,7 +689,8 @@ def _label(task: Task, o: str) -> str:
     return {"adam": "Adam", "adamw": "AdamW", "adopt": "ADOPT", "adoptw": "ADOPTW"}.get(o, o)
 
 
-def _plot(task: Task, results: list[dict], ana: dict, path_dir: Path, rep: Report) -> None:
+def _plot(task: Task, title: str, results: list[dict], ana: dict, path_dir: Path,
+          rep: Report) -> None:
     fig, axes = new_figure(1, 2, width=5.0, height=3.7)
     ax, ax2 = axes[0]
     lrs = ana["lrs"]
@@ -703,14 +733,13 @@ def _plot(task: Task, results: list[dict], ana: dict, path_dir: Path, rep: Repor
         a.minorticks_off()
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel(task.metric)
-    ax.set_title(f"{task.title}: final {task.metric.split(' (')[0]}", fontsize=9)
-    finite = [v for o in (task.adam, task.adopt) for v in ana[o]["means"] if math.isfinite(v)]
-    if finite and task.higher_is_better:
-        best = max(finite)
-        ax.set_ylim(max(min(finite) - 2, best - 30), best + 0.15 * (best - min(finite)) + 0.5)
-    elif finite:
-        best = min(finite)
-        ax.set_ylim(best - 0.05 * abs(best), min(max(finite), best * 1.6) + 0.02 * abs(best))
+    ax.set_title(f"{title}: final {task.metric.split(' (')[0]}", fontsize=9)
+    # The y range is matplotlib's autoscaled one, which holds every value drawn above (means,
+    # error bars, single seeds, warmup rings, stage-2 markers): a range set from the best
+    # cell used to cut off the poor lrs (the MNIST-5k plot lost its points below 53 %). It is
+    # then fixed, so that the markers of diverged cells go at its worst edge.
+    ax.margins(y=0.06)
+    ax.set_ylim(*ax.get_ylim())
     worst = ax.get_ylim()[0 if task.higher_is_better else 1]
     for o in (task.adam, task.adopt):
         div = [lr for lr, c in zip(lrs, ana[o]["cells"]) if c["n"] and c["diverged"]]
@@ -728,7 +757,7 @@ def _plot(task: Task, results: list[dict], ana: dict, path_dir: Path, rep: Repor
     ax2.grid(alpha=0.3, which="both")
     ax2.legend(fontsize=7)
     rep.figure(fig, f"{task.name}_lr.png",
-               f"{task.title}: left, final {task.metric} against the peak lr (mean ± std "
+               f"{title}: left, final {task.metric} against the peak lr (mean ± std "
                "over seeds; dots: single seeds; rings: with warmup; triangle: ADOPT β2 "
                f"{STAGE2_BETA2}; square: 8-bit ADOPT). Right: the largest training loss in "
                "the first 5 % of steps.")
@@ -751,7 +780,8 @@ def _task_report(task: Task, sweep: list[Config], out: Path, eight_bit: tuple[bo
     ana.update(n_done=len(results), n_planned=n_planned, stage2_known=stage2_known,
                results=results, missing=missing)
 
-    rep = Report(out / task.name, f"Switching from Adam: {task.title}")
+    title = task_title(task, configs[0].size if configs else "full")
+    rep = Report(out / task.name, f"Switching from Adam: {title}")
     A, D = _label(task, task.adam), _label(task, task.adopt)
     if missing:
         rep.text(f"**Not run: {missing}.**")
@@ -777,16 +807,20 @@ def _task_report(task: Task, sweep: list[Config], out: Path, eight_bit: tuple[bo
         row = [_lr(lr)]
         for o in (task.adam, task.adopt):
             txt = _fmt(ana[o]["cells"][i], task.digits)
-            row.append(f"**{txt}**" if ana[o]["best"] == i else txt)
+            row.append(f"**{txt}**" if i in (ana[o]["ties"] or [ana[o]["best"]]) else txt)
         row += [_early(_cell(results, o, lr)) for o in (task.adam, task.adopt)]
         rows.append(row)
     rep.text("## Learning-rate sweep (no warmup)")
     rep.table(["lr", f"{A}: {task.metric}", f"{D}: {task.metric}",
                f"{A}: largest loss, first 5 %", f"{D}: largest loss, first 5 %"], rows,
-              "Best lr of each optimizer in bold. Largest loss: mean over seeds (max).")
+              "Best lr of each optimizer in bold (several in bold: a tie at the printed "
+              "precision). Largest loss: mean over seeds (max).")
     rep.text("## Summary")
     rep.table(["", A, D], _summary_rows(task, ana))
     rep.text("## Warmup (each optimizer's two best lrs on the pilot seed)")
+    rep.text(f"{D}'s first step only stores v (the parameters do not move), so a warmup "
+             f"of W steps scales W - 2 of its updates; W is 5 % of the steps, at least "
+             f"{MIN_WARMUP_STEPS}.")
     wrows = []
     for o in (task.adam, task.adopt):
         for lr in sorted({c.lr for c in configs if c.optimizer == o and c.warmup_steps}):
@@ -825,7 +859,7 @@ def _task_report(task: Task, sweep: list[Config], out: Path, eight_bit: tuple[bo
         rep.text("Not planned yet: waits for the pilot seed's lr sweep."
                  + ("" if eight_bit[0] else f" The 8-bit arm will not run: {eight_bit[1]}."))
     if results:
-        _plot(task, results, ana, out / task.name, rep)
+        _plot(task, title, results, ana, out / task.name, rep)
     rep.write()
     return ana
 
@@ -840,16 +874,22 @@ def _summary_rows(task: Task, ana: dict) -> list[list[str]]:
     def best(info):
         if info["best"] is None:
             return "n/a", "n/a"
+        if info.get("ties"):  # no best lr: say which lrs tie
+            tied = [info["lrs_sorted"][i] for i in info["ties"]]
+            every = " (every lr)" if len(tied) == len(info["lrs_sorted"]) else ""
+            return (f"tie: {', '.join(map(_lr, tied))}{every}",
+                    _fmt(info["best_stats"], task.digits))
         edge = " (edge of the grid)" if info["edge"] else ""
         return _lr(info["best_lr"]) + edge, _fmt(info["best_stats"], task.digits)
 
     (alr, am), (dlr, dm) = best(a), best(d)
-    dropin = "n/a"
+    dropin = "n/a" if not a.get("ties") else f"n/a: {_label(task, task.adam)}'s best lr is a tie"
     if "dropin" in ana:
         dropin = _fmt(ana["dropin"], task.digits)
         if math.isfinite(ana.get("dropin_delta", math.nan)):
             dropin += f" ({ana['dropin_delta']:+.{task.digits}f} vs {_label(task, task.adam)})"
-    ratio = _factor(ana["ratio"]) if "ratio" in ana else "n/a"
+    ratio = _factor(ana["ratio"]) if "ratio" in ana else (
+        "n/a: a tie" if a.get("ties") or d.get("ties") else "n/a")
     results = ana.get("results", [])
     early, warm = [], []
     for o, info in ((task.adam, a), (task.adopt, d)):
@@ -950,7 +990,7 @@ def report(sweep: list[Config], out: Path) -> Path:
 EXPERIMENT = Experiment(
     name="transfer",
     description="switching from Adam(W): lr sweeps, warmup and β2 for Adam(W) vs ADOPT(W) on "
-                "MLP, ResNet-20, GPT (batch 4/16) and VAE",
+                "MLP, ResNet, GPT (batch 4/16) and VAE",
     quick=quick_sweep,
     full=full_sweep,
     run=run,

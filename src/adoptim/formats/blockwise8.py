@@ -42,12 +42,24 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from adoptim.distributed import sharded as _sharded
+
 __all__ = [
     "BLOCK",
+    "KEYS",
+    "QUANTIZABLE",
+    "applies",
+    "check_state",
+    "from_float",
+    "load",
+    "new_state",
+    "store",
+    "to_float",
     "DEFAULT_MIN_8BIT_SIZE",
     "M_LEVELS",
     "V_LEVELS",
@@ -68,6 +80,8 @@ V_LEVELS = 255  # uint8 codes for sqrt(v): [0, 255]
 #: Tensors with fewer elements keep float32 state (as bitsandbytes and torchao do).
 DEFAULT_MIN_8BIT_SIZE = 4096
 STREAM_M, STREAM_V, STREAM_PARAM = 0, 1, 2
+#: the stream that rounds 24-bit master weights (:mod:`adoptim.formats.master`)
+STREAM_MASTER = 3
 
 _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 #: frac(j * phi) for j in a block, computed in float64 and rounded once (the kernel does the same)
@@ -218,3 +232,111 @@ def quantize_v(v: Tensor, seed: int, codes: Tensor, scale: Tensor) -> None:
     q = lo + up.to(torch.float32)
     q = torch.where((q == 0) & (v > 0), torch.ones_like(q), q)  # no zero code for v > 0
     codes.copy_(q)
+
+
+# ---------------------------------------------------------------------------------------
+# The format as the optimizer sees it: which tensors it takes, their state entries, and the
+# load/store around the update. State entries of an 8-bit tensor, all plain tensors (DTensors
+# holding the local shard's codes and scales under FSDP2, layout in adoptim.distributed.sharded):
+# ``exp_avg`` (int8 codes of m, flat), ``exp_avg_scale`` (float32, one per block),
+# ``exp_avg_sq`` (uint8 codes of v, flat), ``exp_avg_sq_scale``.
+
+#: the state entries besides ``step``, in the update paths' order
+KEYS = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
+#: parameter dtypes whose moments ``state_dtype="8bit"`` quantizes
+QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+
+
+def _real_numel(param: Tensor) -> int:
+    return param.numel() * (2 if param.is_complex() else 1)
+
+
+def applies(param: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param``'s moments are kept in 8 bits under its group's options: tensors of a
+    quantizable dtype with at least ``min_8bit_size`` real elements."""
+    return (
+        group.get("state_dtype") == "8bit"
+        and param.dtype in QUANTIZABLE
+        and _real_numel(param) >= group.get("min_8bit_size", DEFAULT_MIN_8BIT_SIZE)
+    )
+
+
+def new_state(param: Tensor) -> dict[str, Tensor]:
+    """Zero codes and scales for ``param`` (of its local shard for a DTensor)."""
+    if _sharded.is_dtensor(param):
+        return _sharded.new_sharded_state(param, BLOCK)
+    n = _real_numel(param)
+    blocks = num_blocks(n)
+    device = param.device
+    return {
+        "exp_avg": torch.zeros(n, dtype=torch.int8, device=device),
+        "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+        "exp_avg_sq": torch.zeros(n, dtype=torch.uint8, device=device),
+        "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+    }
+
+
+def local_state(param: Tensor, codes_and_scales: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The flat (m codes, m scales, v codes, v scales) the update reads and writes: the
+    tensors themselves, or a DTensor's local shard's (sharing the storage)."""
+    if any(_sharded.is_dtensor(t) for t in codes_and_scales):
+        return _sharded.local_views(param, None, codes_and_scales, BLOCK)[2]
+    return codes_and_scales
+
+
+def load(m_codes: Tensor, m_scale: Tensor, v_codes: Tensor, v_scale: Tensor):
+    """(m, v) as new flat float32 tensors (local, plain tensors)."""
+    return dequantize_m(m_codes, m_scale), dequantize_v(v_codes, v_scale)
+
+
+def store(m: Tensor, v: Tensor, seed: int, m_codes, m_scale, v_codes, v_scale) -> None:
+    """Requantize the updated flat float32 ``m`` and ``v`` with the step's ``seed``."""
+    quantize_m(m, seed, m_codes, m_scale)
+    quantize_v(v, seed, v_codes, v_scale)
+
+
+def _shape_like(flat: Tensor, param: Tensor) -> Tensor:
+    if param.is_complex():
+        return torch.view_as_complex(flat.view(*param.shape, 2))
+    return flat.view(param.shape)
+
+
+def to_float(state: dict[str, Any], param: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, v) as new float32 tensors shaped like ``param`` (complex64 for complex; sharded
+    like it for a DTensor)."""
+    local = local_state(param, tuple(state[k] for k in KEYS))
+    m, v = load(*local)
+    if _sharded.is_dtensor(param):
+        return _sharded.shaped_like(m, param), _sharded.shaped_like(v, param)
+    return _shape_like(m, param), _shape_like(v, param)
+
+
+def check_state(param: Tensor, state: dict[str, Any]) -> None:
+    """Refuse codes and scales that do not fit ``param`` (another model, another sharding)."""
+    if _sharded.is_dtensor(param):
+        _sharded.check_sharded_state(param, state, BLOCK)
+        return
+    n = _real_numel(param)
+    for key in ("exp_avg", "exp_avg_sq"):
+        if state[key].numel() != n or state[key].dtype not in (torch.int8, torch.uint8):
+            raise ValueError(
+                f"8-bit state {key!r} has {state[key].numel()} {state[key].dtype} "
+                f"codes but its parameter has {n} elements"
+            )
+
+
+def from_float(param: Tensor, m: Tensor, v: Tensor, step: float) -> dict[str, Tensor]:
+    """New 8-bit state holding the float moments ``m``, ``v`` (shaped like ``param``, or its
+    local shard for a DTensor), quantized with the seed of call count ``step``."""
+    state = new_state(param)
+    local = local_state(param, tuple(state[k] for k in KEYS))
+    flat_m, flat_v = (_real_flat_f32(t) for t in (m, v))
+    seed = state_seed(step, local[0].numel())  # the local size, as a step uses
+    store(flat_m, flat_v, seed, *local)
+    return state
+
+
+def _real_flat_f32(t: Tensor) -> Tensor:
+    local = t.to_local() if _sharded.is_dtensor(t) else t
+    real = torch.view_as_real(local) if local.is_complex() else local
+    return real.reshape(-1).to(torch.float32, copy=True)

@@ -1,33 +1,23 @@
-"""State formats: the dtype of each parameter's moments, and how the update paths handle
-moments wider than their parameter (float32 state for bfloat16/float16 parameters).
+"""Per-parameter optimizer state under the format its group asks for.
 
-With float32 state every path computes the update in float32 and rounds the parameter once
-(to nearest even, or stochastically for bfloat16), as the kernel does.
-
-``state_dtype="8bit"`` keeps m and v as block-wise 8-bit codes (format: :mod:`adoptim.formats.blockwise8`;
-the step: :mod:`adoptim.formats.blockwise8_step`) for float32/bfloat16/float16/complex64 parameters with at
-least ``min_8bit_size`` real elements (default 4,096, as bitsandbytes and torchao); smaller
-tensors, and float64 ones, keep the moments ``"auto"`` would give them. State entries of an
-8-bit tensor, all plain tensors: ``exp_avg`` (int8 codes of m, flat), ``exp_avg_scale``
-(float32, one per block of 256), ``exp_avg_sq`` (uint8 codes of v, flat), ``exp_avg_sq_scale``
-and ``step``. For a DTensor parameter (FSDP2) they are DTensors holding the local shard's
-codes and scales (layout: :mod:`adoptim.distributed.sharded`).
+The formats (one module each): :mod:`~adoptim.formats.floating` (float moments) and
+:mod:`~adoptim.formats.blockwise8` (8-bit moments) for m and v; :mod:`~adoptim.formats.params`
+for the parameter itself. This module is what the optimizer calls: create state, read the
+moments as float32, convert between formats when a checkpoint of another format is loaded,
+and validate the options.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adoptim.distributed import sharded as _sharded
-from adoptim.formats import blockwise8 as _quant
+from adoptim.formats import blockwise8, floating
 
 __all__ = [
-    "LOW_PRECISION",
-    "QUANTIZABLE",
     "STATE_DTYPES",
     "check_8bit_groups",
     "check_min_8bit_size",
@@ -37,18 +27,13 @@ __all__ = [
     "new_state",
     "resolve_state_dtype",
     "restore_state_dtypes",
-    "run_unfused",
     "state_dtype_for",
-    "write_back",
+    "step_device",
 ]
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_DTYPES = ("auto", "float32", "param", "8bit")
-#: parameter dtypes whose moments ``state_dtype="8bit"`` quantizes
-QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
-SCALE_KEYS = {"exp_avg": "exp_avg_scale", "exp_avg_sq": "exp_avg_sq_scale"}
-#: the state entries of an 8-bit tensor besides ``step``, in the update paths' order
-_8BIT_KEYS = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
+is_8bit = blockwise8.applies
+state_dtype_for = floating.state_dtype_for
 
 
 def resolve_state_dtype(value: Any) -> str:
@@ -99,44 +84,11 @@ def check_8bit_groups(param_groups: list[dict[str, Any]], *, fused: bool | None)
                 )
 
 
-def _real_numel(param: Tensor) -> int:
-    return param.numel() * (2 if param.is_complex() else 1)
-
-
-def is_8bit(param: Tensor, group: dict[str, Any]) -> bool:
-    """Whether ``param``'s moments are kept in 8 bits under its group's options."""
-    return (
-        group.get("state_dtype") == "8bit"
-        and param.dtype in QUANTIZABLE
-        and _real_numel(param) >= group.get("min_8bit_size", _quant.DEFAULT_MIN_8BIT_SIZE)
-    )
-
-
 def new_state(param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
     """Zero moments for ``param`` in the format its group asks for (``step`` not included)."""
-    if is_8bit(param, group) and _sharded.is_dtensor(param):
-        return _sharded.new_sharded_state(param)  # codes and scales of the local shard
-    if is_8bit(param, group):
-        n = _real_numel(param)
-        blocks = _quant.num_blocks(n)
-        return {
-            "exp_avg": torch.zeros(n, dtype=torch.int8, device=param.device),
-            "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
-            "exp_avg_sq": torch.zeros(n, dtype=torch.uint8, device=param.device),
-            "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=param.device),
-        }
-    dtype = state_dtype_for(param, group["state_dtype"])
-    return {
-        key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        for key in ("exp_avg", "exp_avg_sq")
-    }
-
-
-def _shape_like(flat: Tensor, param: Tensor) -> Tensor:
-    """A flat real float32 tensor as one shaped like ``param`` (complex64 for complex)."""
-    if param.is_complex():
-        return torch.view_as_complex(flat.view(*param.shape, 2))
-    return flat.view(param.shape)
+    if blockwise8.applies(param, group):
+        return blockwise8.new_state(param)
+    return floating.new_state(param, group)
 
 
 def moments(state: dict[str, Any], param: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,22 +101,9 @@ def moments(state: dict[str, Any], param: Tensor) -> tuple[Tensor, Tensor]:
         else:
             zeros = torch.zeros(param.shape, dtype=shape_dtype, device=param.device)
         return zeros, zeros.clone()
-    if "exp_avg_scale" in state and _sharded.is_dtensor(param):  # the local shard's blocks
-        _, _, (m_codes, m_scale, v_codes, v_scale) = _sharded.local_views(
-            param, None, tuple(state[k] for k in _8BIT_KEYS)
-        )
-        m = _quant.dequantize_m(m_codes, m_scale)
-        v = _quant.dequantize_v(v_codes, v_scale)
-        return _sharded.shaped_like(m, param), _sharded.shaped_like(v, param)
     if "exp_avg_scale" in state:
-        m = _quant.dequantize_m(state["exp_avg"], state["exp_avg_scale"])
-        v = _quant.dequantize_v(state["exp_avg_sq"], state["exp_avg_sq_scale"])
-        return _shape_like(m, param), _shape_like(v, param)
-    dtype = torch.complex64 if param.is_complex() else torch.float32
-    return (
-        state["exp_avg"].to(dtype, copy=True),
-        state["exp_avg_sq"].to(dtype, copy=True),
-    )
+        return blockwise8.to_float(state, param)
+    return floating.to_float(state, param)
 
 
 def conform_state(optimizer: torch.optim.Optimizer) -> None:
@@ -177,57 +116,18 @@ def conform_state(optimizer: torch.optim.Optimizer) -> None:
             if not state or "exp_avg" not in state:
                 continue
             have = "exp_avg_scale" in state
-            want = is_8bit(p, group)
-            sharded = _sharded.is_dtensor(p)
-            if have and sharded:
-                _sharded.check_sharded_state(p, state)
-            elif have:
-                n = _real_numel(p)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if state[key].numel() != n or state[key].dtype not in (torch.int8, torch.uint8):
-                        raise ValueError(
-                            f"8-bit state {key!r} has {state[key].numel()} {state[key].dtype} "
-                            f"codes but its parameter has {n} elements"
-                        )
+            want = blockwise8.applies(p, group)
+            if have:
+                blockwise8.check_state(p, state)
             if want and not have:
-                m, v = (
-                    _real_flat_f32(state[k].to_local() if sharded else state[k])
-                    for k in ("exp_avg", "exp_avg_sq")
-                )
-                state.update(new_state(p, group))
-                _, _, (m_codes, m_scale, v_codes, v_scale) = _sharded.local_views(
-                    p, None, tuple(state[k] for k in _8BIT_KEYS)
-                )
                 step = float(state.get("step", 0.0))
-                seed = _quant.state_seed(step, m_codes.numel())  # the local size, as a step
-                _quant.quantize_m(m, seed, m_codes, m_scale)
-                _quant.quantize_v(v, seed, v_codes, v_scale)
+                state.update(blockwise8.from_float(p, state["exp_avg"], state["exp_avg_sq"], step))
             elif have and not want:
-                m, v = moments(state, p)
-                del state["exp_avg_scale"], state["exp_avg_sq_scale"]
-                dtype = state_dtype_for(p, group["state_dtype"])
-                if p.is_complex():
-                    dtype = p.dtype
-                state["exp_avg"] = m.to(dtype)
-                state["exp_avg_sq"] = v.to(dtype)
-
-
-def _real_flat_f32(t: Tensor) -> Tensor:
-    real = torch.view_as_real(t) if t.is_complex() else t
-    return real.reshape(-1).to(torch.float32, copy=True)
-
-
-def state_dtype_for(param: Tensor, state_dtype: str) -> torch.dtype:
-    """The dtype of ``exp_avg``/``exp_avg_sq`` for ``param`` under the ``state_dtype`` option.
-
-    ``auto``, ``float32`` and ``8bit`` (for the tensors it does not quantize) keep float32
-    moments for bfloat16 and float16 parameters (in bfloat16, ``(1 - beta2) * g*g`` is below
-    v's resolution at beta2 = 0.9999, so v would never move); wider parameters keep their own
-    dtype either way.
-    """
-    if state_dtype != "param" and param.dtype in LOW_PRECISION:
-        return torch.float32
-    return param.dtype
+                m, v = blockwise8.to_float(state, p)
+                for key in blockwise8.KEYS:
+                    del state[key]
+                dtype = p.dtype if p.is_complex() else state_dtype_for(p, group["state_dtype"])
+                state["exp_avg"], state["exp_avg_sq"] = m.to(dtype), v.to(dtype)
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
@@ -248,85 +148,17 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str,
             if pid not in saved:
                 continue
             if "exp_avg_scale" in saved[pid]:  # 8-bit: codes and scales exactly as saved
-                for key in ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"):
-                    value = saved[pid][key]
-                    optimizer.state[p][key] = value.to(device=p.device, copy=True)
+                for key in blockwise8.KEYS:
+                    optimizer.state[p][key] = saved[pid][key].to(device=p.device, copy=True)
                 continue
             want = state_dtype_for(p, group.get("state_dtype", "auto"))
             if want == p.dtype:
                 continue
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in floating.KEYS:
                 value = saved[pid].get(key)
                 if isinstance(value, Tensor) and value.is_floating_point():
                     optimizer.state[p][key] = value.to(device=p.device, dtype=want, copy=True)
     conform_state(optimizer)
-
-
-def run_unfused(
-    func: Callable,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    **kwargs: Any,
-) -> None:
-    """Run the for-loop or foreach path ``func`` with the kernel's extras.
-
-    * ``grad_scale`` (from a GradScaler): gradients are divided by it first;
-    * parameters whose moments are wider than they are (float32 state for bfloat16/float16):
-      the step runs on float32 copies of the parameter and gradient, and the result is
-      rounded back once, as the kernel does. No master copy is kept between steps;
-    * bfloat16 parameters with bfloat16 state and ``stochastic_rounding``: the step runs on
-      float32 copies of all four, the moments are rounded back to nearest and the parameter
-      stochastically, as the kernel does (which computes in float32 whatever the state).
-    """
-    if grad_scale is not None:
-        grads = [g / grad_scale.to(g.device) for g in grads]
-    widen = [
-        i
-        for i, (p, m) in enumerate(zip(params, exp_avgs))
-        if m.dtype != p.dtype or (stochastic_rounding and p.dtype == torch.bfloat16)
-    ]
-    if not widen:
-        func(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
-        return
-    work_params, work_grads = list(params), list(grads)
-    work_m, work_v = list(exp_avgs), list(exp_avg_sqs)
-    narrow = [i for i in widen if exp_avgs[i].dtype == params[i].dtype]  # bf16 state + SR
-    for i in widen:
-        work_params[i] = params[i].to(torch.float32)
-        work_grads[i] = grads[i].to(torch.float32)
-    for i in narrow:
-        work_m[i], work_v[i] = exp_avgs[i].float(), exp_avg_sqs[i].float()
-    func(work_params, work_grads, work_m, work_v, state_steps, **kwargs)
-    for i in widen:
-        write_back(params[i], work_params[i], stochastic_rounding)
-    for i in narrow:
-        exp_avgs[i].copy_(work_m[i])
-        exp_avg_sqs[i].copy_(work_v[i])
-
-
-def write_back(param: Tensor, value: Tensor, stochastic: bool) -> None:
-    """Store the float32 ``value`` into the low-precision ``param``.
-
-    Round to nearest even, or for bfloat16 with ``stochastic``, round up with probability
-    equal to the discarded fraction, so that E[param] = value and updates far below half an
-    ulp still move the parameter on average.
-    """
-    if not (stochastic and param.dtype == torch.bfloat16 and value.dtype == torch.float32):
-        param.copy_(value)
-        return
-    bits = value.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
-    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits cleared: exact in bf16
-    truncated = (bits & -65536).view(torch.float32)
-    # Values next to the largest finite bf16 could round up to inf: truncate those instead.
-    result = torch.where(torch.isinf(rounded) & torch.isfinite(value), truncated, rounded)
-    param.copy_(torch.where(torch.isnan(value), value, result))
 
 
 def step_device(param: Tensor, group: dict[str, Any]) -> torch.device:
@@ -337,4 +169,3 @@ def step_device(param: Tensor, group: dict[str, Any]) -> torch.device:
         group.get("fused") is True and param.device.type != "cpu"
     )
     return param.device if on_device else torch.device("cpu")
-

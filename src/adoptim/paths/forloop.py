@@ -1,8 +1,9 @@
-"""The for-loop path: one tensor at a time, the readable definition of the update.
+"""The for-loop path: one tensor at a time through :func:`adoptim.update.adopt_update`.
 
-Its lines follow the algorithm in the :class:`~adoptim.ADOPT` docstring in order; the foreach
-path and the kernels perform the same operations in the same order and are tested against a
-float64 reference together with this one.
+Each tensor is updated completely (every operation of the step) before the next is touched,
+so it stays in cache; this is also the path autograd can follow (``differentiable=True``).
+It takes tensors that hold the compute dtype already: :func:`adoptim.functional.adopt` loads
+other formats (low-precision parameters, 8-bit moments) into float32 work tensors around it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from adoptim._utils import view_as_real_if_complex
 from adoptim.schedule import call_scalars
+from adoptim.update import TENSOR_OPS, adopt_update, call_hyper
 
 __all__ = ["single_tensor_adopt"]
 
@@ -38,7 +40,13 @@ def single_tensor_adopt(
     maximize: bool,
     nesterov: bool = False,
     caution: bool = False,
+    grad_scale: Tensor | None = None,
 ) -> None:
+    h = call_hyper(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decouple=decouple, maximize=maximize, nesterov=nesterov, caution=caution,
+        grad_scale=grad_scale,
+    )  # fmt: skip
     scalar_kw = dict(
         as_tensors=scalars_as_tensors,
         lr=lr,
@@ -49,52 +57,17 @@ def single_tensor_adopt(
     )
     if not scalars_as_tensors:  # one host-side computation for the whole group
         bounds, sq_weights, decays = call_scalars(state_steps, **scalar_kw)
-
-    # A tensor weight_decay (differentiable mode) is always applied: no branch on its value.
-    has_decay = isinstance(weight_decay, Tensor) or weight_decay != 0
     tracking = torch.is_grad_enabled()  # autograd records the update (differentiable=True)
-    for i, param in enumerate(params):
-        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+    for i, step_t in enumerate(state_steps):
         if scalars_as_tensors:
             (bound,), (sq_weight,), (decay,) = call_scalars([step_t], **scalar_kw)
         else:
             bound, sq_weight, decay = bounds[i], sq_weights[i], decays[i]
-
-        if maximize:
-            grad = -grad
-        if has_decay and not decouple:  # coupled (L2): enters v too
-            if isinstance(weight_decay, Tensor):  # alpha must be a number
-                grad = grad.addcmul(param.clone() if tracking else param, weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
         param, grad, exp_avg, exp_avg_sq = view_as_real_if_complex(
-            param, grad, exp_avg, exp_avg_sq
+            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
         )
-
-        if has_decay and decouple:
-            param.mul_(decay)
-        denom = exp_avg_sq.sqrt()
-        # Under autograd, sqrt's backward needs its output and addcmul's needs m as they are
-        # now: update copies instead of the tensors autograd saved.
-        denom = denom.clamp(min=eps) if tracking else denom.clamp_(min=eps)
-        normed = grad / denom  # n = g / max(sqrt(v), eps)
-        normed.clamp_(-bound, bound)  # n = clip(n, c_t)
-        exp_avg.lerp_(normed, 1 - beta1)  # m = beta1*m + (1-beta1)*n
-        update = exp_avg  # u = m
-        if nesterov:  # u = beta1*m + (1-beta1)*n: one momentum step ahead
-            update = exp_avg.lerp(normed, 1 - beta1)
-        if caution:  # u = u * mask / mean(mask), mask = [u*g > 0]
-            # clamp out of place: a DTensor's mean is Partial until reduced, which clamp_ refuses
-            mask = (update * grad > 0).to(update.dtype)
-            update = (update * mask).div_(mask.mean().clamp(min=1e-3))
-        if isinstance(lr, Tensor):
-            update = update.clone() if tracking and update is exp_avg else update
-            param.addcmul_(update, lr, value=-1)
-        else:  # theta = theta - lr*u
-            param.add_(update, alpha=-lr)
-        # v = beta2*v + (1-beta2)*g*g; on the first call v is 0 and the weight is 1
-        if isinstance(sq_weight, Tensor):  # addcmul's value must be a number
-            exp_avg_sq.mul_(beta2).addcmul_(grad * sq_weight, grad)
-        else:
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=sq_weight)
+        adopt_update(
+            TENSOR_OPS, [param], [grad], [exp_avg], [exp_avg_sq],
+            bounds=bound, sq_weights=sq_weight, decays=decay, h=h, tracking=tracking,
+        )  # fmt: skip
         step_t += 1
