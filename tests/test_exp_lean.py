@@ -73,7 +73,7 @@ def test_report_says_outside_where_an_arm_misses_the_bar(tmp_path, monkeypatch):
         _fake_result(tmp_path, c, {"val_loss": [v], "train_loss": [v]})
     text = lean.report(sweep, tmp_path).read_text()
     first = text.splitlines()[0]
-    assert "SMOKE" not in first and "15 of 15 runs finished" in text
+    assert first.startswith("# Lean training") and "15 of 15 runs finished" in text
     assert "**Outside float32 ADOPT's seed spread**: byte-level GPT, batch 16, final val loss" \
         in text
     assert "plain bf16 (round to nearest) + 8-bit (Δ +0.1000, 5 float32 std, worse)" in text
@@ -95,9 +95,12 @@ def test_quick_report_says_smoke_test_first_and_missing_arms_are_skipped(tmp_pat
     lean.run(sweep, tmp_path, progress=False)
     assert [c.arm for c in ran] == ["fp32"]
     assert "arm:bf16-ecc24-8bit-release: skipped, no release here" in capsys.readouterr().out
-    text = lean.report(sweep, tmp_path).read_text()
-    assert text.splitlines()[0].startswith("# SMOKE TEST")
-    assert "not run: no release here" in text
+    from adoptim.experiments.runner import smoke_test
+
+    with smoke_test("quick"):  # as `adoptim reproduce --quick` writes it
+        text = lean.report(sweep, tmp_path).read_text()
+    assert text.splitlines()[0].startswith("> **Smoke test (quick profile)")
+    assert "**This is a smoke test**" in text and "not run: no release here" in text
 
 
 def test_one_real_quick_run_per_format(tmp_path):
