@@ -303,7 +303,7 @@ def figure(report: dict[str, Any]):
 
     rows = [(c, report["results"][c.name]) for c in CONFIGS
             if c.name in report["results"] and "all_in_per_param" in report["results"][c.name]]
-    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(rows) + 2.4))
     parts = [("weights_per_param", "weights", "tab:blue"),
              ("grad_peak_per_param", "gradients (peak live)", "tab:orange"),
              ("state_per_param", "optimizer state", "tab:green"),
@@ -313,19 +313,21 @@ def figure(report: dict[str, Any]):
         for key, label, color in parts:
             ax.barh(y, r[key], left=left, color=color, label=label if y == 0 else None)
             left += r[key]
-        ax.text(left + 0.1, y, f"{left:.2f}", va="center", fontsize=8)
+        end = left
         if "target_all_in_per_param" in r:
             t = r["target_all_in_per_param"]
             ax.plot([t, t], [y - 0.4, y + 0.4], color="k", lw=2)
+            end = max(end, t)
+        ax.text(end + 0.15, y, f"{left:.2f}", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [c.label for c, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("bytes per parameter, all in (black ticks: the issue-19 targets)")
     ax.set_xlim(0, max([18.0] + [sum(r[k] for k, _, _ in parts) + 2 for _, r in rows]))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
     ax.grid(alpha=0.3, axis="x")
     n = next((r["params"] for _, r in rows), 0)
-    ax.set_title(f"Training memory per parameter, measured (byte-level GPT, {n / 1e6:.1f}M "
-                 "params, CPU)", fontsize=10)
+    ax.set_title(f"Training memory per parameter, measured\n(byte-level GPT, {n / 1e6:.1f}M "
+                 "params, CPU, each configuration in a fresh process)", fontsize=10)
     fig.tight_layout()
     return fig
 
