@@ -162,7 +162,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("vae", "conv VAE on MNIST-5k", "vae", False, 1e-3,
          (Metric("iw_nll", "held-out IW-NLL (nats)", False, 2, lambda r: r["test/iw_nll"]),
           Metric("nelbo", "held-out -ELBO (nats)", False, 2, lambda r: r["test/nelbo"]))),
-    Task("resnet", "ResNet-20 on Fashion-MNIST (5k subset)", "resnet", False, 3e-3,
+    Task("resnet", "ResNet-20 on Fashion-MNIST (2k subset)", "resnet", False, 3e-3,
          (Metric("test_acc", "test accuracy (%)", True, 2,
                  lambda r: 100 * r["test/final_acc"]),
           Metric("train_loss", "train loss, last 50 steps", False, 4,
@@ -474,6 +474,13 @@ def analyse(task: Task, results: list[dict]) -> list[dict[str, Any]]:
             c = compare(_values(results, BASE, m.key), _values(results, arm, m.key),
                         m.higher_is_better)
             c.update(arm=arm, metric=m, paired=summarize(_paired(results, arm, m.key)))
+            if arm == "bf16-ecc24-8bit-release":  # per seed: release vs the same without
+                by = {r["config"]["seed"]: r["values"].get(m.key, []) for r in results
+                      if r["config"]["arm"] == "bf16-ecc24-8bit"}
+                c["pairs"] = [(a, b) for r in results
+                              if r["config"]["arm"] == arm and r["config"]["seed"] in by
+                              for a, b in zip(r["values"].get(m.key, []),
+                                              by[r["config"]["seed"]])]
             out.append(c)
     return out
 
@@ -577,9 +584,17 @@ def _summary(rep: Report, comps: dict[str, list[dict]], skipped: dict[str, str],
               and c["status"] != "not run"]
         if not cs:
             continue
-        n_in = sum(c["status"] == "within" for c in cs)
-        bullets.append(f"{ARMS[arm].label}: within float32 ADOPT's seed spread on {n_in} of "
-                       f"{len(cs)} comparisons.")
+        n = {k: sum(c["status"] == k for c in cs) for k in ("within", "outside")}
+        rest = len(cs) - n["within"] - n["outside"]
+        bullets.append(f"{ARMS[arm].label}: within float32 ADOPT's seed spread on "
+                       f"{n['within']} of {len(cs)} comparisons, outside on {n['outside']}"
+                       + (f", no verdict on {rest} (float32 has one seed there, or a run "
+                          "diverged)" if rest else "") + ".")
+    same, pairs = _release_identical(comps)
+    if pairs:
+        bullets.append(f"Gradient release changed nothing: the release arm's values equal the "
+                       f"arm without release in {same} of {pairs} (task, seed, metric) pairs "
+                       "(bit for bit, as the release tests say).")
     if outside:
         bullets.append("**Outside float32 ADOPT's seed spread**: " + "; ".join(outside) + ".")
     bullets.append("The bar is only as sharp as the seed spread: with 3 seeds these runs rule "
@@ -588,6 +603,19 @@ def _summary(rep: Report, comps: dict[str, list[dict]], skipped: dict[str, str],
     for what, why in skipped.items():
         bullets.append(f"Not run here: {what.removeprefix('arm:')}: {why}.")
     rep.text("\n".join(f"* {b}" for b in bullets))
+
+
+def _release_identical(comps: dict[str, list[dict]]) -> tuple[int, int]:
+    """How many (task, seed, metric) values of the release arm equal the corrected arm's
+    without release exactly, out of those both have."""
+    same = pairs = 0
+    for cs in comps.values():
+        for c in cs:
+            if c["arm"] == "bf16-ecc24-8bit-release" and "pairs" in c:
+                for a, b in c["pairs"]:
+                    pairs += 1
+                    same += a == b
+    return same, pairs
 
 
 _COLORS = {"fp32": "tab:blue", "bf16-ecc24-8bit": "tab:green",
