@@ -254,6 +254,8 @@ OPTIMIZERS: list[Entry] = [
     # bf16 parameters and gradients (the suite's values rounded to bf16), 8-bit state, without
     # and with the 24-bit master-weight correction. The C++ kernel does not take the
     # correction yet: these rows run the unfused Python paths (named in the row).
+    Entry("adopt-bf16-8bit-fused", _adopt(fused=True, state_dtype="8bit"), _fused_unavailable,
+          traffic=BYTES_PER_PARAM_BF16_8BIT, dtype=torch.bfloat16),  # no correction: kernel
     Entry("adopt-bf16-8bit-foreach", _adopt(foreach=True, fused=False, state_dtype="8bit"),
           traffic=BYTES_PER_PARAM_BF16_8BIT, dtype=torch.bfloat16),
     Entry("adopt-bf16-ecc24-8bit-foreach",
@@ -333,7 +335,8 @@ def _time_one(
             from adoptim.kernels.cpu import build as _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
-            kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused")
+            kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused",
+                      "adopt-bf16-8bit-fused")
             if entry.name in kernel and _fused_unavailable() is None:
                 _kernel_cache.load_kernel(wait=True)
         for _ in range(warmup):
