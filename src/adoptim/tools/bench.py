@@ -598,7 +598,9 @@ def figure(report: dict[str, Any]):
         ax.set_xscale("log")
         lo, hi = min([*ratios, 1.0]) / 1.6, max([*ratios, 1.0]) * 1.6  # room for the labels
         ax.set_xlim(lo, hi)
-        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if lo <= t <= hi]
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if lo <= t <= hi]
+        if len(ticks) > 6:  # a wide range (the unfused bf16 rows): every other power of 4
+            ticks = [t for t in ticks if t in (0.25, 1, 4, 16, 64, 256)]
         if len(ticks) < 3:  # a narrow range: finer ticks
             ticks = [t for t in (0.5, 0.67, 0.8, 1, 1.25, 1.5, 2) if lo <= t <= hi]
         ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
