@@ -30,8 +30,9 @@ not in activation precision. The memory measurement (``adoptim bench --memory``)
 bf16 compute.
 
 Tasks (``SIZES``), all much shorter than in the transfer study so that the full profile
-(5 tasks x 5 arms x 3 seeds = 75 runs) fits in about 40 min on this project's shared 2-core
-machine, where a run got a quarter of a core or less under the other jobs' load, and where
+(5 tasks x 5 arms x 3 seeds = 75 runs) fits in the session on this project's shared 2-core
+machine (measured: 161 min of run time in all, about an hour with 3-5 runs at once, under a
+load of 6-15 from other jobs), where a run got a quarter of a core or less, and where
 the corrected arms' optimizer step (the unfused Python path: 8-bit dequantize, join, step,
 split, requantize) costs about 0.1 CPU-s per 0.6M parameters, 6x plain 8-bit bf16's: the MLP
 on MNIST-5k (5 epochs, lr 3e-3) and on Fashion-MNIST (1 epoch of the 60k set at batch 512,
@@ -720,7 +721,12 @@ def report(sweep: list[Config], out: Path) -> Path:
         "(smaller ones keep float32 state). The GPT runs without global gradient clipping "
         "in every arm (release cannot clip globally; ADOPT clips each element). "
         "All-in B/param: weights + gradients (0 with release: each is freed once stepped) "
-        "+ optimizer state + correction, after training, over the task's parameters.")
+        "+ optimizer state + correction, after training, over the task's parameters."
+        + ("\n\n**Early training only**: every task runs far fewer steps than in the "
+           "transfer study (each task's section says how many, and how many the transfer "
+           "study ran), so that 75 runs fit on this shared 2-core machine, where the "
+           "corrected arms' unfused step is slow; a difference that appears only late in "
+           "training is not tested here." if size == "full" else ""))
     comps = {t: analyse(TASKS[t], results) for t in tasks}
     _summary(rep, comps, skipped, quick)
     for t in tasks:
