@@ -199,3 +199,84 @@ def test_without_matplotlib_the_table_is_written_and_the_plot_named(tmp_path, ca
     assert "no plot: matplotlib is not installed" in out
     assert "pip install 'adoptim[experiments]'" in out
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 rows and the all-in bytes/param column (issue 19)
+
+
+def _entry(name):
+    return next(e for e in bench.OPTIMIZERS if e.name == name)
+
+
+def test_all_in_column_is_weights_plus_grads_plus_state():
+    # 20 tensors of 5,000 elements: above the 4,096-element threshold, so 8-bit state is used
+    names = ["adopt-foreach", "adopt-bf16-8bit-foreach", "adopt-bf16-ecc24-8bit-foreach"]
+    res = bench.run_suite("a", [bench.OPTIMIZERS[0], *map(_entry, names)], warmup=0,
+                          repeats=1, scale=0.005)["results"]
+    fp32, bf16 = res["adopt-foreach"], res["adopt-bf16-8bit-foreach"]
+    # float32: 4 (theta) + 4 (grad) + 8 (m, v) + a float32 step counter per 5,000 elements
+    assert fp32["all_in_bytes_per_param"] == pytest.approx(16 + 4 / 5000)
+    assert fp32["all_in_bytes_per_param"] == pytest.approx(8 + fp32["state_bytes_per_param"])
+    # bf16 params and gradients (2 + 2) and 8-bit state (1 + 1 + block scales + step)
+    assert bf16["all_in_bytes_per_param"] == pytest.approx(4 + bf16["state_bytes_per_param"])
+    assert 2.0 < bf16["state_bytes_per_param"] < 2.1
+    assert bf16["bytes_per_param"] == bench.BYTES_PER_PARAM_BF16_8BIT
+    ecc = res["adopt-bf16-ecc24-8bit-foreach"]
+    if "skipped" in ecc:  # an adoptim without master_weight_bits
+        assert "master_weight_bits" in ecc["skipped"]
+    else:  # the int8 correction: one more byte per parameter, inside the state
+        assert ecc["state_bytes_per_param"] == pytest.approx(
+            bf16["state_bytes_per_param"] + 1)
+        assert ecc["all_in_bytes_per_param"] == pytest.approx(
+            bf16["all_in_bytes_per_param"] + 1)
+        assert ecc["bytes_per_param"] == bench.BYTES_PER_PARAM_BF16_ECC24_8BIT
+    table = bench.format_table({"suites": [{"suite": "a", "scale": 0.005, "tensors": 20,
+                                            "params": 100_000, "results": res}]})
+    assert "all-in B/param" in table and "the same values in bf16" in table
+    row = next(line for line in table.splitlines() if line.startswith("| adopt-foreach "))
+    assert f"{fp32['all_in_bytes_per_param']:.2f}" in row
+
+
+def test_bf16_rows_step_bf16_copies_of_the_suite(monkeypatch):
+    seen = {}
+
+    def fake_time_one(entry, params, warmup, repeats):
+        seen[entry.name] = params
+        return {"times_s": [0.01] * repeats, "peak_mb": 1.0, "first_step_s": 0.02}
+
+    monkeypatch.setattr(bench, "_time_one", fake_time_one)
+    entries = [bench.OPTIMIZERS[0], _entry("adopt-bf16-8bit-foreach")]
+    bench.run_suite("a", entries, warmup=0, repeats=1, rounds=2, scale=0.001)
+    fp32, bf16 = seen["adam-fused"], seen["adopt-bf16-8bit-foreach"]
+    assert {p.dtype for p in fp32} == {torch.float32}
+    assert {p.dtype for p in bf16} == {torch.bfloat16}
+    assert {p.grad.dtype for p in bf16} == {torch.bfloat16}
+    for p, q in zip(fp32, bf16):  # the same values, rounded, and separate tensors
+        assert torch.equal(q.detach(), p.detach().to(torch.bfloat16))
+        assert torch.equal(q.grad, p.grad.to(torch.bfloat16))
+        assert q.data_ptr() != p.data_ptr() and q.is_leaf and q.requires_grad
+
+
+def test_memory_flag_dispatches_and_rejects_unknown_configs(tmp_path, monkeypatch, capsys):
+    from adoptim.tools import memory
+
+    with pytest.raises(SystemExit, match="unknown memory configuration"):
+        main(["bench", "--memory", "--memory-configs", "nope", "--out", str(tmp_path)])
+    fake = {"model": dict(memory.MODEL, tokens_per_step=16, batch=1), "steps": 1,
+            "results": {"adopt-fp32": {
+                "params": 1000, "weights_per_param": 4.0, "grad_peak_per_param": 4.0,
+                "state_per_param": 8.0, "correction_per_param": 0.0, "all_in_per_param": 16.0,
+                "rss_over_bare_bytes": 2**21, "rss_over_model_bytes": 2**20,
+                "rss_ratio_to_fp32": 1.0, "step_seconds": [0.1]},
+                "adopt-bf16-ecc24-8bit-release": {"skipped": "not here"}}}
+    calls = []
+    monkeypatch.setattr(memory, "run_all", lambda names, steps, progress: calls.append(
+        (names, steps)) or fake)
+    assert main(["bench", "--memory", "--memory-configs", "adopt-fp32,*release",
+                 "--memory-steps", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls == [(["adopt-fp32", "adopt-bf16-ecc24-8bit-release"], 1)]
+    out = capsys.readouterr().out
+    assert "**16.00**" in out and "skipped: not here" in out
+    assert json.loads((tmp_path / "memory.json").read_text())["results"]["adopt-fp32"]
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "options": "adoptim.experiments.options",
     "transfer": "adoptim.experiments.transfer",
     "lowbit": "adoptim.experiments.lowbit",
+    "lean": "adoptim.experiments.lean",
 }
 
 

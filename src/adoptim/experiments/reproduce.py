@@ -43,9 +43,9 @@ __all__ = ["PAPER", "PROFILE_TIMES", "add_arguments", "reproduce", "run"]
 
 # Measured on this project's 2-core CPU machine (one run at a time, one torch thread each):
 # quick, `time adoptim reproduce --quick` from an empty folder: 55 s of CPU time for the
-# paper's experiments, 12 s for transfer and options and 4 s for lowbit (measured on a busy
-# machine; on an idle one the wall time is about the CPU time); full, the paper's experiments
-# only: the sum of the recorded wall times of their published full-profile runs
+# paper's experiments, 12 s for transfer and options, 4 s for lowbit and 17 s for lean
+# (measured on a busy machine; on an idle one the wall time is about the CPU time); full, the
+# paper's experiments only: the sum of the recorded wall times of their published full-profile runs
 # (docs/results/*/runs.json, 89 min). The README says the same (a test checks it).
 PAPER = ("toy", "mlp", "lr_sweep", "resnet", "vae", "gpt", "rl_sac")
 PROFILE_TIMES = {"quick": "about a minute", "full": "about 1.5 hours for the paper's experiments"}

@@ -4,6 +4,7 @@ Example (the figures in docs/performance.md)::
 
     adoptim bench --suites a,b,c --out runs/bench
     adoptim bench --startup            # fresh-process time to the first fused step, cold/warm
+    adoptim bench --memory             # bytes/param and peak memory of real training runs
 
 Suites (all float32, one parameter list each):
   a: 20 tensors of 1M elements;
@@ -19,7 +20,13 @@ alike. The table reports ratios of medians (over all rounds' steps) to
 machine move by 2x between runs. Effective GB/s counts
 28 bytes per parameter (read theta, g, m, v; write theta, m, v), the traffic of a single pass,
 and 16 for the 8-bit rows (one byte each for m and v; their scales add 1/32). "state B/param"
-is the optimizer's state (every tensor it holds) over the number of parameters.
+is the optimizer's state (every tensor it holds) over the number of parameters; "all-in
+B/param" adds the parameters and their gradients: weights + gradients + state + master-weight
+correction (which lives in the state), what a step holds per parameter (float32 ADOPT: 16).
+The ``adopt-bf16-*`` rows step the suite's values rounded to bf16 (bf16 gradients), with 8-bit
+state, without and with the 24-bit master-weight correction (``master_weight_bits=24``; 10 and
+12 bytes of traffic per parameter). The fused C++ kernel does not take the correction yet, so
+those rows run the unfused foreach/for-loop paths, as their names say.
 Peak memory is the largest rise of the process's resident memory above what it was before the
 optimizer existed, sampled every millisecond: state plus the step's temporaries.
 
@@ -66,6 +73,9 @@ __all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "figure", "run", "suite_shap
 
 BYTES_PER_PARAM = 28  # 4 float32 reads + 3 writes
 BYTES_PER_PARAM_8BIT = 16  # theta and g as float32, one byte each for m and v, read and written
+# bf16 theta (r+w 4), bf16 g (2), 8-bit m and v (r+w 4), and the 24-bit correction (int8, r+w 2)
+BYTES_PER_PARAM_BF16_8BIT = 10
+BYTES_PER_PARAM_BF16_ECC24_8BIT = 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +143,7 @@ class Entry:
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     available: Callable[[], str | None] = lambda: None  # reason it cannot run, or None
     traffic: int = BYTES_PER_PARAM  # bytes per parameter per step, for GB/s
+    dtype: torch.dtype = torch.float32  # the parameters' (and gradients') dtype
 
 
 BENCH_EXTRA = 'pip install "adoptim[bench]"'
@@ -180,6 +191,17 @@ def _adopt(**kw: Any) -> Callable:
         return ADOPT(params, **kw)
 
     return make
+
+
+def _master_unavailable() -> str | None:
+    """Why ``ADOPT(master_weight_bits=...)`` cannot run here (an older adoptim), or None."""
+    import inspect
+
+    from adoptim import ADOPT
+
+    if "master_weight_bits" not in inspect.signature(ADOPT).parameters:
+        return "this adoptim has no ADOPT(master_weight_bits=...)"
+    return None
 
 
 def _torch_adopt(foreach: bool) -> Callable:
@@ -232,6 +254,19 @@ OPTIMIZERS: list[Entry] = [
           traffic=BYTES_PER_PARAM_8BIT),  # the default for 8-bit state on CUDA
     Entry("torchao-adamw8bit", _torchao_adamw8bit, _module_missing("torchao"),
           traffic=BYTES_PER_PARAM_8BIT),
+    # bf16 parameters and gradients (the suite's values rounded to bf16), 8-bit state, without
+    # and with the 24-bit master-weight correction. The C++ kernel does not take the
+    # correction yet: these rows run the unfused Python paths (named in the row).
+    Entry("adopt-bf16-8bit-fused", _adopt(fused=True, state_dtype="8bit"), _fused_unavailable,
+          traffic=BYTES_PER_PARAM_BF16_8BIT, dtype=torch.bfloat16),  # no correction: kernel
+    Entry("adopt-bf16-8bit-foreach", _adopt(foreach=True, fused=False, state_dtype="8bit"),
+          traffic=BYTES_PER_PARAM_BF16_8BIT, dtype=torch.bfloat16),
+    Entry("adopt-bf16-ecc24-8bit-foreach",
+          _adopt(foreach=True, fused=False, state_dtype="8bit", master_weight_bits=24),
+          _master_unavailable, traffic=BYTES_PER_PARAM_BF16_ECC24_8BIT, dtype=torch.bfloat16),
+    Entry("adopt-bf16-ecc24-8bit-forloop",
+          _adopt(foreach=False, fused=False, state_dtype="8bit", master_weight_bits=24),
+          _master_unavailable, traffic=BYTES_PER_PARAM_BF16_ECC24_8BIT, dtype=torch.bfloat16),
     Entry("bnb-adam8bit", _bnb_adam8bit, _module_missing("bitsandbytes"),
           traffic=BYTES_PER_PARAM_8BIT),
     Entry("timm-forloop", _timm(False), _timm_missing),
@@ -303,7 +338,8 @@ def _time_one(
             from adoptim.kernels.cpu import build as _kernel_cache
 
             # Time the kernel, not the for-loop stand-in that runs while it builds.
-            kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused")
+            kernel = ("adopt-fused", "adopt-default", "adopt-8bit-fused",
+                      "adopt-bf16-8bit-fused")
             if entry.name in kernel and _fused_unavailable() is None:
                 _kernel_cache.load_kernel(wait=True)
         for _ in range(warmup):
@@ -318,7 +354,10 @@ def _time_one(
     if cuda:
         mem.peak, mem.base = torch.cuda.max_memory_allocated(), device_base
     numel = sum(p.numel() for p in params)
-    state_bytes = _state_bytes(opt)
+    state_bytes = _state_bytes(opt)  # the master-weight correction lives in the state
+    seen: set = set()
+    held = sum(_tensor_bytes(p, seen) for p in params) + sum(
+        _tensor_bytes(p.grad, seen) for p in params if p.grad is not None)
     del opt
     gc.collect()
     peak = (mem.peak - mem.base) / 2**20 if mem.peak else None
@@ -327,6 +366,8 @@ def _time_one(
         "peak_mb": peak,
         "first_step_s": first,
         "state_bytes_per_param": state_bytes / numel if numel else None,
+        # weights + gradients + state (+ correction): what the step holds per parameter
+        "all_in_bytes_per_param": (held + state_bytes) / numel if numel else None,
     }
 
 
@@ -373,6 +414,7 @@ def _summarise(
         "gb_per_s": traffic * numel / median / 1e9,
         "bytes_per_param": traffic,
         "state_bytes_per_param": rounds[0].get("state_bytes_per_param"),
+        "all_in_bytes_per_param": rounds[0].get("all_in_bytes_per_param"),
         "peak_mb": max(peaks) if peaks else None,
         "first_step_s": rounds[0]["first_step_s"],
     }
@@ -388,6 +430,16 @@ def _make_params(
         p.grad = torch.randn(shape, generator=gen).to(device)
         params.append(p)
     return params
+
+
+def _cast_params(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``params`` (and their gradients) as new leaf tensors of ``dtype``."""
+    out = []
+    for p in params:
+        q = p.detach().to(dtype).requires_grad_()
+        q.grad = p.grad.to(dtype)
+        out.append(q)
+    return out
 
 
 def _unavailable(entry: Entry, device: torch.device) -> str | None:
@@ -433,6 +485,7 @@ def run_suite(
     shapes = suite_shapes(suite, scale)
     params = _make_params(shapes, seed, device)
     numel = sum(p.numel() for p in params)
+    by_dtype = {torch.float32: params}  # other dtypes: the same values, rounded, made once
     skipped = {e.name: {"skipped": reason} for e in entries if (reason := _unavailable(e, device))}
     timed: dict[str, list[dict[str, Any]]] = {e.name: [] for e in entries if e.name not in skipped}
     for round_index in range(rounds):
@@ -443,8 +496,11 @@ def run_suite(
             if progress is not None:
                 progress.set_description(f"{suite}: {entry.name} ({round_index + 1}/{rounds})")
             if entry.name in timed:
+                if entry.dtype not in by_dtype:
+                    by_dtype[entry.dtype] = _cast_params(params, entry.dtype)
                 try:
-                    timed[entry.name].append(_time_one(entry, params, warmup, repeats))
+                    timed[entry.name].append(
+                        _time_one(entry, by_dtype[entry.dtype], warmup, repeats))
                 except Exception as exc:  # noqa: BLE001 - a peer failing should not end the run
                     skipped[entry.name] = {"skipped": f"failed: {exc!r}"[:300]}
                     del timed[entry.name]
@@ -480,18 +536,20 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"\n({s['suite']}) {SUITES[s['suite']][0]}"
             + (f" at scale {s['scale']:g}" if s.get("scale", 1.0) != 1.0 else "")
-            + f": {s['tensors']} tensors, {_count(s['params'])} float32 params"
+            + f": {s['tensors']} tensors, {_count(s['params'])} params (float32; the "
+              "adopt-bf16-* rows: the same values in bf16)"
             + (f" on {s['device']}" if s.get("device", "cpu") != "cpu" else "")
             + (f" (peak bandwidth {s['peak_gbps']:.0f} GB/s)" if s.get("peak_gbps") else "")
         )
         pct = bool(s.get("peak_gbps"))  # GB/s as a percentage of the card's peak
         lines.append(
             f"| {'optimizer':<20} | {'median ms':>9} | {'x adam-fused':>12} | {'GB/s':>6} "
-            f"| {'peak MB':>8} | {'state B/param':>13} | {'first step s':>12} |"
+            f"| {'peak MB':>8} | {'state B/param':>13} | {'all-in B/param':>14} "
+            f"| {'first step s':>12} |"
             + (" % peak |" if pct else "")
         )
         lines.append(f"|{'-' * 22}|{'-' * 11}:|{'-' * 13}:|{'-' * 7}:|{'-' * 9}:|{'-' * 14}:"
-                     f"|{'-' * 13}:|" + ("-------:|" if pct else ""))  # fmt: skip
+                     f"|{'-' * 15}:|{'-' * 13}:|" + ("-------:|" if pct else ""))  # fmt: skip
         for name, r in s["results"].items():
             if "skipped" in r:
                 lines.append(f"| {name:<20} | skipped: {r['skipped']}")
@@ -504,6 +562,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{(f'{ratio:.2f}x' if ratio else '-'):>12} | {r['gb_per_s']:>6.1f} | "
                 f"{(f'{peak:.0f}' if peak is not None else '-'):>8} | "
                 f"{(f'{sb:.2f}' if (sb := r.get('state_bytes_per_param')) else '-'):>13} | "
+                f"{(f'{ab:.2f}' if (ab := r.get('all_in_bytes_per_param')) else '-'):>14} | "
                 f"{r['first_step_s']:>12.2f} |"
                 + (f" {r.get('pct_of_peak_bandwidth', 0):>5.1f}% |" if pct else "")
             )
@@ -542,7 +601,9 @@ def figure(report: dict[str, Any]):
         ax.set_xscale("log")
         lo, hi = min([*ratios, 1.0]) / 1.6, max([*ratios, 1.0]) * 1.6  # room for the labels
         ax.set_xlim(lo, hi)
-        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if lo <= t <= hi]
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if lo <= t <= hi]
+        if len(ticks) > 6:  # a wide range (the unfused bf16 rows): every other power of 4
+            ticks = [t for t in ticks if t in (0.25, 1, 4, 16, 64, 256)]
         if len(ticks) < 3:  # a narrow range: finer ticks
             ticks = [t for t in (0.5, 0.67, 0.8, 1, 1.25, 1.5, 2) if lo <= t <= hi]
         ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
@@ -745,6 +806,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (there is none anyway when stderr is not a "
                              "terminal)")
+    from adoptim.tools import memory
+
+    memory.add_arguments(parser)
 
 
 def _select(patterns: str) -> list[Entry]:
@@ -803,6 +867,10 @@ def run(args: argparse.Namespace) -> int:
     # torch-adopt 0.1.0 calls a deprecated torch helper on every step.
     warnings.filterwarnings("ignore", message=".*torch._utils.is_compiling.*")
 
+    if args.memory:  # a different measurement: fresh training processes (tools/memory.py)
+        from adoptim.tools import memory
+
+        return memory.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
