@@ -59,13 +59,13 @@ def _torchrun(mode: str, out_dir: Path, nproc: int = 2) -> None:
     assert (out_dir / f"{mode}.done").exists()
 
 
-def _check(out_dir: Path, name: str, run: str) -> None:
+def _check(out_dir: Path, name: str, run: str, atol: float = 1e-6) -> None:
     got = torch.load(out_dir / f"{name}.pt", weights_only=True)
     expected = dist_worker.reference_params(run)
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.shape == e.shape
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=atol)
     # The runs trained: parameters moved away from their initial values.
     initial = [p.detach() for p in dist_worker.make_model().parameters()]
     assert not torch.allclose(got[0], initial[0])
@@ -75,7 +75,12 @@ def test_ddp_and_zero_match_single_process(tmp_path):
     _torchrun("ddp", tmp_path)
     for run in {**dist_worker.RUNS, **dist_worker.RUNS_8BIT}:
         _check(tmp_path, f"ddp-{run}", run)
-        _check(tmp_path, f"zero-{run}", run)
+        # ZeRO: each rank's optimizer holds a partition of the parameters, so a tensor's key
+        # for its random numbers (adoptim.rng: its index in that optimizer) differs from one
+        # process's, and 8-bit codes round with other (equally unbiased) random numbers: the
+        # same run up to a code step here and there (measured: 3 of 96 elements, 8.8e-6).
+        # Float state has no randomness: as close as DDP.
+        _check(tmp_path, f"zero-{run}", run, atol=1e-4 if run in dist_worker.RUNS_8BIT else 1e-6)
 
 
 def _has_public_fully_shard() -> bool:

@@ -26,7 +26,8 @@ from unittest import mock
 import pytest
 
 # first: triton_setup sets TRITON_INTERPRET before anything imports triton
-from triton_setup import (
+from triton_setup import (  # noqa: F401 (INTERPRETED: read by test_guards, test_same_seed)
+    INTERPRETED,
     cuda_only,
     interpreter_only,
 )

@@ -177,7 +177,9 @@ def _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, g_scale, wd, decay, bou
             else:
                 u = tl.div_rn(u * caution_mask, kept)
         theta = theta - lr * u
-        up = tl.zeros_like(theta).to(tl.float32)
+        # (tl.full, not tl.zeros_like: a triton.language @jit helper, which the
+        # interpreter cannot run once Inductor has imported triton in the process)
+        up = tl.full(theta.shape, 0.0, tl.float32)
         if STOCHASTIC:  # stream 2's dither: frac(block_offsets(seed, j // 256) + weyl[j % 256])
             up = _block_offsets(seed, (offs // 256).to(tl.uint32), tl.full((), 2, tl.uint32))
             up = up + _weyl(offs % 256)
