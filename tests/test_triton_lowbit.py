@@ -405,7 +405,9 @@ def test_compile_failure_raises_under_fused_true_and_falls_back_once_otherwise(m
     p = init.clone().requires_grad_()
     strict = ADOPT([p], fused=True, state_dtype="8bit")  # (checks for the interpreter)
     p.grad = torch.randn(5000)
-    monkeypatch.setattr(_triton_kernel, "_interpreting", lambda: False)  # compile first
+    from adoptim.kernels.triton import common as _triton_common
+
+    monkeypatch.setattr(_triton_common, "interpreting", lambda: False)  # compile first
     monkeypatch.setattr(_triton_jit.adopt_8bit_kernel, "warmup", broken, raising=False)
     for name, value in (("_ready", set()), ("_failed", {}), ("_warned", set())):
         monkeypatch.setattr(_triton_lowbit, name, value)
