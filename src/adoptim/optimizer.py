@@ -457,6 +457,7 @@ class ADOPT(Optimizer):
         after save/load and on every rank. ``candidates``: only these parameters of the
         group (default: all of them)."""
         has_complex = False
+        index = self._param_index() if keys is not None else {}  # once per group, not per p
         for p in group["params"] if candidates is None else candidates:
             if p.grad is None:
                 continue
@@ -482,7 +483,8 @@ class ADOPT(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
             if keys is not None:
-                keys.append(self._place_of(p, caller="step")[1])
+                place = index.get(p) or self._place_of(p, caller="step")
+                keys.append(place[1])
             if scales is not None:
                 scales[0].append(state.get("exp_avg_scale"))
                 scales[1].append(state.get("exp_avg_sq_scale"))
