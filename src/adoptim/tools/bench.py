@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from adoptim._extras import install_command, missing
+from adoptim.tools.sizes import state_bytes, tensor_bytes
 
 __all__ = ["OPTIMIZERS", "SUITES", "add_arguments", "figure", "run", "suite_shapes", "suite_title"]
 
@@ -354,10 +355,10 @@ def _time_one(
     if cuda:
         mem.peak, mem.base = torch.cuda.max_memory_allocated(), device_base
     numel = sum(p.numel() for p in params)
-    state_bytes = _state_bytes(opt)  # the master-weight correction lives in the state
+    n_state = state_bytes(opt)  # the master-weight correction lives in the state
     seen: set = set()
-    held = sum(_tensor_bytes(p, seen) for p in params) + sum(
-        _tensor_bytes(p.grad, seen) for p in params if p.grad is not None)
+    held = sum(tensor_bytes(p, seen) for p in params) + sum(
+        tensor_bytes(p.grad, seen) for p in params if p.grad is not None)
     del opt
     gc.collect()
     peak = (mem.peak - mem.base) / 2**20 if mem.peak else None
@@ -365,35 +366,10 @@ def _time_one(
         "times_s": times,
         "peak_mb": peak,
         "first_step_s": first,
-        "state_bytes_per_param": state_bytes / numel if numel else None,
+        "state_bytes_per_param": n_state / numel if numel else None,
         # weights + gradients + state (+ correction): what the step holds per parameter
-        "all_in_bytes_per_param": (held + state_bytes) / numel if numel else None,
+        "all_in_bytes_per_param": (held + n_state) / numel if numel else None,
     }
-
-
-def _tensor_bytes(t: torch.Tensor, seen: set) -> int:
-    """Bytes held by ``t``: its storage, or for a tensor subclass (torchao's 8-bit state) the
-    tensors it is made of; a storage shared by several entries counts once."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
-        names, _ = flatten()
-        return sum(_tensor_bytes(getattr(t, name), seen) for name in names)
-    key = (t.device, t.untyped_storage().data_ptr())
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.untyped_storage().nbytes()
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state (every tensor in ``opt.state``, step counters included)."""
-    seen: set = set()
-    return sum(
-        _tensor_bytes(value, seen)
-        for state in opt.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
 
 
 def _summarise(

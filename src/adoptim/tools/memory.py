@@ -112,9 +112,9 @@ def _maxrss_bytes() -> int:
 
 
 def _storage_bytes(tensors, seen: set) -> int:
-    from adoptim.tools.bench import _tensor_bytes
+    from adoptim.tools.sizes import tensor_bytes
 
-    return sum(_tensor_bytes(t, seen) for t in tensors)
+    return sum(tensor_bytes(t, seen) for t in tensors)
 
 
 def measure(name: str, steps: int = 3, seed: int = 0) -> dict[str, Any]:
@@ -196,9 +196,9 @@ def measure(name: str, steps: int = 3, seed: int = 0) -> dict[str, Any]:
     weights = _storage_bytes(params, seen)
     correction = _storage_bytes(
         [s["master_correction"] for s in opt.state.values() if "master_correction" in s], seen)
-    from adoptim.tools.bench import _state_bytes
+    from adoptim.tools.sizes import state_bytes
 
-    state_all = _state_bytes(opt)  # includes the correction, which lives in the state
+    state_all = state_bytes(opt)  # includes the correction, which lives in the state
     out.update(
         weights_bytes=weights,
         state_bytes=state_all - correction,
