@@ -46,6 +46,11 @@ PATHS = ("forloop", "foreach", "cpp", "triton")
 # small launch shapes: tensors of a few hundred elements span several programs and chunks
 SMALL = _triton_kernel.LaunchConfig(block=16, chunk=32, num_warps=1, schedule_block=4)
 SMALL8 = _triton_lowbit.LaunchConfig8(rows=2, num_warps=1)
+# The optimizer-level checks below (generator, resume, determinism) are about where the random
+# numbers come from, not tile boundaries (the kernel-level tests above cover those with SMALL):
+# wider tiles keep the interpreter's per-tile cost down (10x fewer tiles on their 10k elements).
+MEDIUM = _triton_kernel.LaunchConfig(block=256, chunk=1024, num_warps=1, schedule_block=4)
+MEDIUM8 = _triton_lowbit.LaunchConfig8(rows=4, num_warps=1)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,12 @@ def _path_kwargs(path: str) -> dict:
     }[path]
 
 
-def _on_path(path: str, stack: ExitStack, host_schedule: bool = False) -> None:
+def _on_path(path: str, stack: ExitStack, host_schedule: bool = False, tiles: str = "small") -> None:
     if path == "triton":
+        config, config8 = (SMALL, SMALL8) if tiles == "small" else (MEDIUM, MEDIUM8)
         stack.enter_context(mock.patch.dict(os.environ, {_triton_kernel.BACKEND_ENV: "triton"}))
-        stack.enter_context(mock.patch.object(_triton_kernel, "CONFIG", SMALL))
-        stack.enter_context(mock.patch.object(_triton_lowbit, "CONFIG", SMALL8))
+        stack.enter_context(mock.patch.object(_triton_kernel, "CONFIG", config))
+        stack.enter_context(mock.patch.object(_triton_lowbit, "CONFIG", config8))
         if host_schedule:
             stack.enter_context(mock.patch.object(_triton_kernel, "_force_host_schedule", True))
     else:
@@ -320,7 +326,7 @@ def test_global_generator_untouched(path, fmt, request):
     gen = torch.Generator().manual_seed(0)
     params = _model_params(torch.bfloat16, gen)
     with ExitStack() as stack:
-        _on_path(path, stack)
+        _on_path(path, stack, tiles="medium")
         opt = ADOPT(params, lr=0.01, state_dtype=fmt, stochastic_rounding=True,
                     min_8bit_size=1000, **_path_kwargs(path))  # fmt: skip
         torch.manual_seed(123)
@@ -336,7 +342,7 @@ def test_bf16_stochastic_rounding_resumes_bit_for_bit(path, fmt, request):
     (and new parameter objects), and three more; the seed is in the param groups."""
     _needs(path, request)
     with ExitStack() as stack:
-        _on_path(path, stack)
+        _on_path(path, stack, tiles="medium")
 
         def make(params):
             return ADOPT(params, lr=0.01, state_dtype=fmt, stochastic_rounding=True, seed=7,
@@ -397,7 +403,7 @@ def test_deterministic_algorithms_no_warning(path, request):
     try:
         with ExitStack() as stack, warnings.catch_warnings():
             warnings.simplefilter("error")
-            _on_path(path, stack)
+            _on_path(path, stack, tiles="medium")
             for fmt in ("auto", "8bit"):
                 opt = ADOPT(params, lr=0.01, state_dtype=fmt, stochastic_rounding=True,
                             caution=True, min_8bit_size=1000, **_path_kwargs(path))  # fmt: skip
