@@ -45,6 +45,8 @@ __all__ = [
     "as_sharded",
     "check_sharded_state",
     "is_dtensor",
+    "like_param",
+    "local",
     "local_flat",
     "local_views",
     "new_sharded_state",
@@ -58,6 +60,19 @@ def is_dtensor(t: Any) -> bool:
     if type(t) in (Tensor, torch.nn.Parameter):
         return False
     return callable(getattr(t, "to_local", None)) and hasattr(t, "placements")
+
+
+def local(t: Tensor) -> Tensor:
+    """A DTensor's local tensor (this rank's elements), a plain tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def like_param(local_t: Tensor, p: Tensor) -> Tensor:
+    """``local_t``, shaped like the DTensor ``p``'s local tensor, as a DTensor over the same
+    storage with ``p``'s mesh, placements and global shape (the dtype is ``local_t``'s):
+    the form of elementwise state such as the master-weight correction, which DCP and
+    ``get_optimizer_state_dict`` then save and load per shard."""
+    return _from_local(local_t, p, p.placements, tuple(p.shape))
 
 
 def refusal(p: Tensor) -> str | None:
