@@ -40,8 +40,10 @@ import time
 import dist_worker  # beside this file: the script's directory is on sys.path
 import torch
 
-import adoptim
-from adoptim import ADOPT, ADOPTW
+START = time.perf_counter()
+
+import adoptim  # noqa: E402
+from adoptim import ADOPT, ADOPTW  # noqa: E402
 
 BF16 = torch.bfloat16
 STEPS = 6
@@ -62,6 +64,14 @@ SLOW_RUNS = {
                                 "foreach": True}),
     "24-8bit-default": (ADOPT, {"lr": 1e-2, "master_weight_bits": 24, **_8BIT}),
 }  # fmt: skip
+
+
+def lap(what, t0, rank):
+    """Print a section's time (MASTER_WORKER_TIMES=1, rank 0) and return now."""
+    now = time.perf_counter()
+    if os.environ.get("MASTER_WORKER_TIMES") and rank == 0:
+        print(f"{what}: {now - t0:.1f} s", flush=True)
+    return now
 
 
 def batches():
@@ -175,10 +185,10 @@ def main() -> None:
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t
 
+    t0 = lap("start", START, rank)
     try:
         runs = RUNS if mode == "quick" else SLOW_RUNS
         for run, (cls, kw) in runs.items():
-            t0 = time.perf_counter()
             # shards: every step against a plain optimizer on this rank's shard
             model, opt = build(cls, kw)
             train(model, opt, data, shadow=make_shadow(model, cls, kw))
@@ -189,6 +199,7 @@ def main() -> None:
             assert corr.to_local().shape == params[2].to_local().shape
             assert corr.dtype == (torch.int8 if kw["master_weight_bits"] == 24 else torch.int16)
             final = snapshot(model, opt)
+            t0 = lap(f"{run} shards", t0, rank)
 
             # one process
             # 32 bits round nothing; on one rank a shard is the whole tensor (the same
@@ -227,15 +238,19 @@ def main() -> None:
             if kw["master_weight_bits"] == 24:  # the correction holds something
                 assert any(c.any() for c in got_corr), f"{run}: all corrections are zero"
 
+            t0 = lap(f"{run} one process", t0, rank)
             # resume: opt.state_dict() through torch.save, per rank (same world size)
             model, opt = build(cls, kw)
             train(model, opt, data[:SPLIT])
             path = os.path.join(out_dir, f"{mode}-{run}-rank{rank}.pt")
             torch.save(([local(p).detach().clone() for p in model.parameters()],
                         opt.state_dict()), path)  # fmt: skip
-            model_sd, optim_sd = get_state_dict(model, opt)
-            ckpt = os.path.join(out_dir, f"dcp-{mode}-{run}")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+            # DCP: quick on 32 bits only (the same code for 24: a DTensor of int8 instead)
+            use_dcp = mode == "slow" or kw["master_weight_bits"] == 32
+            if use_dcp:
+                model_sd, optim_sd = get_state_dict(model, opt)
+                ckpt = os.path.join(out_dir, f"dcp-{mode}-{run}")
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
             # full state dicts gather the corrections: gloo has no int16 (32 bits')
             gather = mode == "slow" and kw["master_weight_bits"] == 24
             if gather:
@@ -250,14 +265,15 @@ def main() -> None:
             opt.load_state_dict(osd)
             train(model, opt, data[SPLIT:])
             assert_same(snapshot(model, opt), final, f"{run}: state_dict resume")
-            model, opt = build(cls, kw)
-            model_sd, optim_sd = get_state_dict(model, opt)
-            loaded = {"model": model_sd, "optim": optim_sd}
-            dcp.load(loaded, checkpoint_id=ckpt)
-            set_state_dict(model, opt, model_state_dict=loaded["model"],
-                           optim_state_dict=loaded["optim"])  # fmt: skip
-            train(model, opt, data[SPLIT:])
-            assert_same(snapshot(model, opt), final, f"{run}: DCP resume")
+            if use_dcp:
+                model, opt = build(cls, kw)
+                model_sd, optim_sd = get_state_dict(model, opt)
+                loaded = {"model": model_sd, "optim": optim_sd}
+                dcp.load(loaded, checkpoint_id=ckpt)
+                set_state_dict(model, opt, model_state_dict=loaded["model"],
+                               optim_state_dict=loaded["optim"])  # fmt: skip
+                train(model, opt, data[SPLIT:])
+                assert_same(snapshot(model, opt), final, f"{run}: DCP resume")
             if gather:
                 model, opt = build(cls, kw)
                 set_state_dict(model, opt, model_state_dict=full_sd[0],
@@ -265,6 +281,7 @@ def main() -> None:
                 train(model, opt, data[SPLIT:])
                 assert_same(snapshot(model, opt), final, f"{run}: full state dict resume")
 
+            t0 = lap(f"{run} resume", t0, rank)
             # release: bit for bit the normal run
             model, opt = build(cls, kw)
             handle = adoptim.enable_gradient_release(model, opt)
@@ -275,16 +292,18 @@ def main() -> None:
                 opt.step()
             handle.remove()
             assert_same(snapshot(model, opt), final, f"{run}: gradient release")
-            if os.environ.get("MASTER_WORKER_TIMES") and rank == 0:
-                print(f"{run}: {time.perf_counter() - t0:.1f} s", flush=True)
+            t0 = lap(f"{run} release", t0, rank)
 
         if mode == "quick":
             check_tiny_lr(build, data)
+            t0 = lap("tiny lr", t0, rank)
             check_fp32_weights(build, full, data)
+            t0 = lap("fp32 weights", t0, rank)
         dist.barrier()
     finally:
         gc.collect()  # as dist_worker: free FSDP objects before gloo goes
         dist.destroy_process_group()
+    lap("end", START, rank)
     if rank == 0:
         for name in (f"{mode}.done", f"{mode}-w{world}.done"):
             with open(os.path.join(out_dir, name), "w") as f:
@@ -293,16 +312,19 @@ def main() -> None:
 
 def check_tiny_lr(build, data):
     """lr = 1e-4: under half a bf16 step for all but the smallest weights, so plain bf16
-    stalls; 24-bit master weights move with the float32 (32-bit) ones."""
+    stalls; 24-bit master weights move with float32 (32-bit) ones, which move as one
+    process's (bit for bit: the "32" run)."""
     kw = {"lr": 1e-4, "foreach": False}
-    moved = {}
-    for bits in (None, 24, 32):
+    start = plain_model().state_dict()
+    moved = {32: torch.cat([(v - start[k].float()).reshape(-1)
+                            for k, v in single_process(ADOPT, {**kw, "master_weight_bits": 32},
+                                                       data)[2].items()])}  # fmt: skip
+    for bits in (None, 24):
         model, opt = build(ADOPT, {**kw, "master_weight_bits": bits})
-        start = opt.get_fp32_model_state_dict(model)
-        for _ in range(4):
-            train(model, opt, data)
+        train(model, opt, data)
         end = opt.get_fp32_model_state_dict(model)
-        moved[bits] = torch.cat([(end[k] - start[k]).full_tensor().reshape(-1) for k in start])
+        moved[bits] = torch.cat([(end[k].full_tensor() - start[k].float()).reshape(-1)
+                                 for k in start])  # fmt: skip
     travel = moved[32].norm()
     assert travel > 0
     # plain bf16: most elements never move (a few tiny weights have a small enough ulp)
@@ -311,7 +333,7 @@ def check_tiny_lr(build, data):
     errnone = (moved[None] - moved[32]).norm() / travel
     if os.environ.get("MASTER_WORKER_TIMES"):
         print(f"tiny lr: {float(err24)=:.3f} {float(errnone)=:.3f}", flush=True)
-    assert err24 < 0.1 and errnone > 0.5, (float(err24), float(errnone))
+    assert err24 < 0.2 and errnone > 0.5, (float(err24), float(errnone))
 
 
 def check_fp32_weights(build, full, data):
