@@ -355,6 +355,17 @@ def check_fp32_weights(build, full, data):
         back = fopt.get_fp32_model_state_dict(fresh)
         for k, v in given.items():
             assert torch.equal(back[k].full_tensor(), full(v)), f"fp32 round trip: {k}"
+    # a plain (one-process) correction does not load into FSDP2: refused, saying what to use
+    plain = plain_model()
+    popt = ADOPT(plain.parameters(), lr=1e-2, master_weight_bits=32, foreach=False)
+    dist_worker.loss_fn(plain, *data[0]).backward()
+    popt.step()
+    try:
+        fopt.load_state_dict(popt.state_dict())
+    except ValueError as exc:
+        assert "get_optimizer_state_dict" in str(exc) and "a plain tensor" in str(exc), exc
+    else:
+        raise AssertionError("a plain correction loaded into FSDP2")
     # sharded input (DTensors placed as the model's)
     fresh, fopt = build(ADOPT, {"lr": 1e-2, "master_weight_bits": 24, "foreach": False})
     fopt.set_fp32_model_state_dict(fresh, sd)

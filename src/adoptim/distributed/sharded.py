@@ -31,6 +31,12 @@ Scales are tied to the sharding: a checkpoint loads into the same mesh and the s
 shapes (DCP refuses another world size, as the scales' global shape differs: "Size mismatch
 between saved ... and current"; ``load_state_dict`` refuses it in :func:`check_sharded_state`).
 To change the sharding, go through float32 moments (docs/lowbit.md, "FSDP2").
+
+The master-weight correction (``master_weight_bits``) is elementwise: a DTensor shaped, placed
+and sharded like its parameter (:func:`like_param`), joined and split on the local shard with
+the random numbers of the local element indices, as the codes above
+(:mod:`adoptim.formats.master`, "FSDP2"). It follows no blocks, but its 24-bit rounding
+depends on the world size as the codes' does.
 """
 
 from __future__ import annotations

@@ -64,6 +64,32 @@ value splits and joins back exactly; below it the absolute resolution is ``2**-(
 and a master weight whose parameter overflows fp16 is inf (correction 0). The joined master
 is a float32, so a 32-bit correction finer than float32 (which split never makes) is rounded
 when joined.
+
+FSDP2 (DTensor parameters: ``fully_shard`` of a model whose parameters are bf16 themselves,
+e.g. ``model.to(torch.bfloat16)`` before ``fully_shard``; a ``MixedPrecisionPolicy`` keeps
+float32 sharded parameters, which take no correction): the correction is a DTensor with the
+parameter's mesh, placements and global shape, one int8/int16 element per element of the
+rank's local shard (:func:`adoptim.distributed.sharded.like_param`). A DTensor, not a plain
+per-rank tensor, because ``get_optimizer_state_dict`` and ``torch.distributed.checkpoint``
+treat plain state tensors as replicated (one rank's copy saved, loaded on every rank), which
+would hand rank 0's correction to every shard; as a DTensor each rank saves and loads its own
+part, and ``full_state_dict=True`` gathers it like the moments. Each rank joins and splits
+its local shard, whatever the update path (the float-state paths run on DTensors, whose work
+tensor :func:`load` wraps; the 8-bit ones on local views). Elementwise, so any placement whose
+local tensor holds the parameter's elements works (not ``Partial``). Random numbers: the
+24-bit rounding of element ``j`` of a rank's local shard uses the tensor's key (its
+state_dict index, the same on every rank) and the *local* index ``j``, as the 8-bit codes of
+a shard do (:mod:`adoptim.distributed.sharded`), so a rank's shard rounds bit for bit as a
+plain tensor holding that shard would, with no communication and no offsets. What depends on
+the world size: the random number a given element gets (a shard's ``j`` is not the element's
+index in the full tensor), so a 24-bit FSDP2 run is one process's up to that rounding noise
+(and what the trajectory makes of it); 32 bits round nothing and are world-size independent
+(an FSDP2 run with the full batch's gradient on every rank equals one process bit for bit);
+on one rank each shard is the whole tensor and 24 bits are one process's bit for bit too.
+The int16 corrections of 32 bits cannot be gathered on gloo (``full_tensor()`` raises
+"Invalid scalar type": gloo has no int16 collectives), and torch's NCCL type table
+(ProcessGroupNCCL.cpp) lists no int16 either (read, not run), so with 32 bits save sharded
+(DCP's default), not with ``full_state_dict=True``; 24 bits' int8 gathers.
 """
 
 from __future__ import annotations
