@@ -242,14 +242,14 @@ def main() -> None:
             # resume: opt.state_dict() through torch.save, per rank (same world size)
             model, opt = build(cls, kw)
             train(model, opt, data[:SPLIT])
-            path = os.path.join(out_dir, f"{mode}-{run}-rank{rank}.pt")
+            path = os.path.join(out_dir, f"{mode}-w{world}-{run}-rank{rank}.pt")
             torch.save(([local(p).detach().clone() for p in model.parameters()],
                         opt.state_dict()), path)  # fmt: skip
             # DCP: quick on 32 bits only (the same code for 24: a DTensor of int8 instead)
             use_dcp = mode == "slow" or kw["master_weight_bits"] == 32
             if use_dcp:
                 model_sd, optim_sd = get_state_dict(model, opt)
-                ckpt = os.path.join(out_dir, f"dcp-{mode}-{run}")
+                ckpt = os.path.join(out_dir, f"dcp-{mode}-w{world}-{run}")
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
             # full state dicts gather the corrections: gloo has no int16 (32 bits')
             gather = mode == "slow" and kw["master_weight_bits"] == 24
