@@ -19,7 +19,8 @@ empty one on 2 ranks. MODE ``quick`` (the default test) checks, raising on any f
   few 24-bit steps of one process (their random numbers follow the shards), with a nonzero
   correction;
 * *tiny lr*: at an lr where plain bf16 stalls (its parameters do not move), the 24-bit
-  master weights follow the 32-bit ones;
+  master weights follow the 32-bit ones; the numerics check (on each rank's shard) warns
+  for plain bf16 and not for 24 bits;
 * *resume*: ``opt.state_dict()`` through torch.save (per rank) and a DCP checkpoint
   (``get_state_dict``/``set_state_dict``) continue bit for bit;
 * *release*: ``enable_gradient_release`` ends bit for bit where the normal FSDP2 run does;
@@ -36,6 +37,7 @@ import gc
 import os
 import sys
 import time
+import warnings
 
 import dist_worker  # beside this file: the script's directory is on sys.path
 import torch
@@ -319,12 +321,26 @@ def check_tiny_lr(build, data):
     moved = {32: torch.cat([(v - start[k].float()).reshape(-1)
                             for k, v in single_process(ADOPT, {**kw, "master_weight_bits": 32},
                                                        data)[2].items()])}  # fmt: skip
-    for bits in (None, 24):
-        model, opt = build(ADOPT, {**kw, "master_weight_bits": bits})
-        train(model, opt, data)
-        end = opt.get_fp32_model_state_dict(model)
-        moved[bits] = torch.cat([(end[k].full_tensor() - start[k].float()).reshape(-1)
-                                 for k in start])  # fmt: skip
+    from adoptim.formats import master
+
+    every, master.CHECK_EVERY = master.CHECK_EVERY, 5  # the numerics check on call 6
+    try:
+        for bits in (None, 24):
+            model, opt = build(ADOPT, {**kw, "master_weight_bits": bits})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train(model, opt, data)
+            stalls = [str(w.message) for w in caught
+                      if issubclass(w.category, master.UpdateStallWarning)]  # fmt: skip
+            # each rank samples its own shard (no communication) and names the tensor
+            assert bool(stalls) == (bits is None), (bits, stalls)
+            if bits is None:
+                assert "plain bfloat16" in stalls[0] and "param_groups[0]" in stalls[0]
+            end = opt.get_fp32_model_state_dict(model)
+            moved[bits] = torch.cat([(end[k].full_tensor() - start[k].float()).reshape(-1)
+                                     for k in start])  # fmt: skip
+    finally:
+        master.CHECK_EVERY = every
     travel = moved[32].norm()
     assert travel > 0
     # plain bf16: most elements never move (a few tiny weights have a small enough ulp)

@@ -36,3 +36,52 @@ def test_fsdp2_master_weights_more_paths_full_state_dicts_and_one_rank(tmp_path)
     assert (tmp_path / "slow-w2.done").exists()
     _torchrun("slow", tmp_path, nproc=1, worker="master_worker.py")
     assert (tmp_path / "slow-w1.done").exists()
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-rank gloo group in this process (as tests/test_triton.py's): DTensors without
+    torchrun."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_parameters_take_a_correction_and_partial_ones_are_refused(one_rank_mesh):
+    """In process: a Shard(0) bf16 DTensor steps bit for bit as the plain tensor (the
+    correction a DTensor placed like it); a Partial one is refused at construction, and so
+    is a plain correction loaded for a DTensor parameter."""
+    import torch
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    from adoptim import ADOPT
+
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(6, 5, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    kw = dict(lr=1e-3, master_weight_bits=24, foreach=False)
+    plain = torch.nn.Parameter(init.clone())
+    sharded = torch.nn.Parameter(distribute_tensor(init.clone(), one_rank_mesh, [Shard(0)]))
+    opt_plain, opt_sharded = ADOPT([plain], **kw), ADOPT([sharded], **kw)
+    for g in grads:
+        plain.grad = g.clone()
+        sharded.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+        opt_plain.step()
+        opt_sharded.step()
+    corr = opt_sharded.state[sharded]["master_correction"]
+    assert isinstance(corr, DTensor) and corr.placements == sharded.placements
+    assert torch.equal(sharded.to_local(), plain.detach())
+    assert torch.equal(corr.to_local(), opt_plain.state[plain]["master_correction"])
+    assert corr.to_local().any()
+
+    with pytest.raises(ValueError, match="Partial placement"):
+        partial = DTensor.from_local(init.clone(), one_rank_mesh, [Partial()])
+        ADOPT([torch.nn.Parameter(partial)], **kw)
+    with pytest.raises(ValueError, match="a plain tensor.*get_optimizer_state_dict"):
+        ADOPT([sharded], **kw).load_state_dict(opt_plain.state_dict())
