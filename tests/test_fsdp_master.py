@@ -5,7 +5,10 @@ raises; its docstring lists what: every rank's shard, correction and state bit f
 plain tensor's after every step; 32 bits bit for bit one process; 24 bits within 24-bit
 rounding's own seed-to-seed spread of one process with a nonzero correction; at a tiny lr the
 24-bit master weights follow the 32-bit ones where plain bf16 stalls; state_dict and DCP
-resume and gradient release bit for bit; fp32 weights out and in.
+resume and gradient release bit for bit; fp32 weights out and in; the numerics check warns
+from each rank's shard. In process, on a 1-rank gloo group: a DTensor steps bit for bit as a
+plain tensor, and what cannot work (a Partial placement, a plain correction loaded for a
+DTensor parameter) is refused.
 """
 
 from __future__ import annotations
