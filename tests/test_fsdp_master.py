@@ -88,3 +88,29 @@ def test_dtensor_parameters_take_a_correction_and_partial_ones_are_refused(one_r
         ADOPT([torch.nn.Parameter(partial)], **kw)
     with pytest.raises(ValueError, match="a plain tensor.*get_optimizer_state_dict"):
         ADOPT([sharded], **kw).load_state_dict(opt_plain.state_dict())
+
+
+def test_dtensor_bf16_stochastic_rounding_rounds_the_local_shard(one_rank_mesh):
+    """Plain bf16 with stochastic_rounding=True (no correction) on a DTensor: rounded on the
+    local shard with its local indices' random numbers, bit for bit the plain tensor's (it
+    raised "got mixed torch.Tensor and DTensor" before)."""
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from adoptim import ADOPT
+
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(6, 5, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    for foreach in (False, True):
+        kw = dict(lr=1e-3, stochastic_rounding=True, foreach=foreach)
+        plain = torch.nn.Parameter(init.clone())
+        sharded = torch.nn.Parameter(distribute_tensor(init.clone(), one_rank_mesh, [Shard(0)]))
+        opt_plain, opt_sharded = ADOPT([plain], **kw), ADOPT([sharded], **kw)
+        for g in grads:
+            plain.grad = g.clone()
+            sharded.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+            opt_plain.step()
+            opt_sharded.step()
+        assert torch.equal(sharded.to_local(), plain.detach()), foreach
+        assert not torch.equal(plain.detach(), init)
