@@ -34,11 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(mode: str, out_dir: Path, nproc: int = 2) -> None:
+def _torchrun(mode: str, out_dir: Path, nproc: int = 2, worker: str | None = None) -> None:
+    """Run ``worker`` (a file beside this one; default dist_worker.py) MODE OUT_DIR."""
+    script = Path(dist_worker.__file__)
+    script = script.with_name(worker) if worker else script
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(Path(dist_worker.__file__)), mode, str(out_dir),
+        str(script), mode, str(out_dir),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # Own process group, so that a timeout or failure kills torchrun and both workers.

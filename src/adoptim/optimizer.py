@@ -174,10 +174,12 @@ class ADOPT(Optimizer):
             parameters ignore it. Format and measurements: :mod:`adoptim.formats.master`,
             ``docs/memory.md``; float32 weights out and in:
             :meth:`get_fp32_model_state_dict`, :meth:`set_fp32_model_state_dict`. Works
-            with every ``state_dtype``; not with ``fused=True`` (the kernels do not take the
-            correction yet: such tensors run the for-loop path, foreach on CUDA),
-            ``stochastic_rounding``, ``capturable``, ``differentiable`` or DTensor
-            parameters. A numerics check warns once (an
+            with every ``state_dtype`` and with FSDP2 (bf16 DTensor parameters, e.g.
+            ``model.to(torch.bfloat16)`` before ``fully_shard``: each rank corrects its local
+            shard, the correction a DTensor sharded like it); not with ``fused=True`` (the
+            kernels do not take the correction yet: such tensors run the for-loop path,
+            foreach on CUDA), ``stochastic_rounding``, ``capturable`` or
+            ``differentiable``. A numerics check warns once (an
             :class:`~adoptim.formats.master.UpdateStallWarning`) when most updates of a
             bf16/fp16 tensor leave it unchanged.
 
@@ -620,7 +622,10 @@ class ADOPT(Optimizer):
         """``model.state_dict()`` in float32, for export or evaluation: each parameter with a
         master-weight correction (``master_weight_bits``) as its master weight (bf16 +
         correction), every other floating-point parameter and buffer as a float32 copy,
-        integer buffers as they are. New tensors: changing them changes nothing here."""
+        integer buffers as they are. New tensors: changing them changes nothing here.
+        Under FSDP2 the entries are DTensors sharded like the model's (each rank joins its
+        shard, no communication), as ``model.state_dict()`` is: ``.full_tensor()`` gathers
+        one, DCP saves them."""
         return _master.fp32_model_state_dict(self, model)
 
     def set_fp32_model_state_dict(
@@ -631,7 +636,10 @@ class ADOPT(Optimizer):
         rest (exactly, with ``master_weight_bits=32``; to 24 bits, rounded to nearest even,
         with 24), so that :meth:`get_fp32_model_state_dict` gives the weights back; other
         entries are copied with a cast. Optimizer moments are not touched. ``strict``:
-        missing or unexpected keys raise a KeyError, as ``Module.load_state_dict`` does."""
+        missing or unexpected keys raise a KeyError, as ``Module.load_state_dict`` does.
+        Under FSDP2 an entry is a DTensor placed as the model's (e.g. from
+        :meth:`get_fp32_model_state_dict`) or the full tensor, the same on every rank
+        (each rank takes its shard of it, no communication)."""
         _master.load_fp32_model_state_dict(self, model, state_dict, strict=strict)
 
     def moments(self, p: Tensor) -> tuple[Tensor, Tensor]:

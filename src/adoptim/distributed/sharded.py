@@ -31,6 +31,12 @@ Scales are tied to the sharding: a checkpoint loads into the same mesh and the s
 shapes (DCP refuses another world size, as the scales' global shape differs: "Size mismatch
 between saved ... and current"; ``load_state_dict`` refuses it in :func:`check_sharded_state`).
 To change the sharding, go through float32 moments (docs/lowbit.md, "FSDP2").
+
+The master-weight correction (``master_weight_bits``) is elementwise: a DTensor shaped, placed
+and sharded like its parameter (:func:`like_param`), joined and split on the local shard with
+the random numbers of the local element indices, as the codes above
+(:mod:`adoptim.formats.master`, "FSDP2"). It follows no blocks, but its 24-bit rounding
+depends on the world size as the codes' does.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ __all__ = [
     "as_sharded",
     "check_sharded_state",
     "is_dtensor",
+    "like_param",
+    "local",
     "local_flat",
     "local_views",
     "new_sharded_state",
@@ -58,6 +66,19 @@ def is_dtensor(t: Any) -> bool:
     if type(t) in (Tensor, torch.nn.Parameter):
         return False
     return callable(getattr(t, "to_local", None)) and hasattr(t, "placements")
+
+
+def local(t: Tensor) -> Tensor:
+    """A DTensor's local tensor (this rank's elements), a plain tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def like_param(local_t: Tensor, p: Tensor) -> Tensor:
+    """``local_t``, shaped like the DTensor ``p``'s local tensor, as a DTensor over the same
+    storage with ``p``'s mesh, placements and global shape (the dtype is ``local_t``'s):
+    the form of elementwise state such as the master-weight correction, which DCP and
+    ``get_optimizer_state_dict`` then save and load per shard."""
+    return _from_local(local_t, p, p.placements, tuple(p.shape))
 
 
 def refusal(p: Tensor) -> str | None:

@@ -64,6 +64,32 @@ value splits and joins back exactly; below it the absolute resolution is ``2**-(
 and a master weight whose parameter overflows fp16 is inf (correction 0). The joined master
 is a float32, so a 32-bit correction finer than float32 (which split never makes) is rounded
 when joined.
+
+FSDP2 (DTensor parameters: ``fully_shard`` of a model whose parameters are bf16 themselves,
+e.g. ``model.to(torch.bfloat16)`` before ``fully_shard``; a ``MixedPrecisionPolicy`` keeps
+float32 sharded parameters, which take no correction): the correction is a DTensor with the
+parameter's mesh, placements and global shape, one int8/int16 element per element of the
+rank's local shard (:func:`adoptim.distributed.sharded.like_param`). A DTensor, not a plain
+per-rank tensor, because ``get_optimizer_state_dict`` and ``torch.distributed.checkpoint``
+treat plain state tensors as replicated (one rank's copy saved, loaded on every rank), which
+would hand rank 0's correction to every shard; as a DTensor each rank saves and loads its own
+part, and ``full_state_dict=True`` gathers it like the moments. Each rank joins and splits
+its local shard, whatever the update path (the float-state paths run on DTensors, whose work
+tensor :func:`load` wraps; the 8-bit ones on local views). Elementwise, so any placement whose
+local tensor holds the parameter's elements works (not ``Partial``). Random numbers: the
+24-bit rounding of element ``j`` of a rank's local shard uses the tensor's key (its
+state_dict index, the same on every rank) and the *local* index ``j``, as the 8-bit codes of
+a shard do (:mod:`adoptim.distributed.sharded`), so a rank's shard rounds bit for bit as a
+plain tensor holding that shard would, with no communication and no offsets. What depends on
+the world size: the random number a given element gets (a shard's ``j`` is not the element's
+index in the full tensor), so a 24-bit FSDP2 run is one process's up to that rounding noise
+(and what the trajectory makes of it); 32 bits round nothing and are world-size independent
+(an FSDP2 run with the full batch's gradient on every rank equals one process bit for bit);
+on one rank each shard is the whole tensor and 24 bits are one process's bit for bit too.
+The int16 corrections of 32 bits cannot be gathered on gloo (``full_tensor()`` raises
+"Invalid scalar type": gloo has no int16 collectives), and torch's NCCL type table
+(ProcessGroupNCCL.cpp) lists no int16 either (read, not run), so with 32 bits save sharded
+(DCP's default), not with ``full_state_dict=True``; 24 bits' int8 gathers.
 """
 
 from __future__ import annotations
@@ -73,6 +99,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from adoptim.distributed import sharded as _sharded
 
 __all__ = [
     "MASTER_BITS",
@@ -130,7 +158,12 @@ def has_correction(param: Tensor, group: dict[str, Any]) -> bool:
 
 
 def new_correction(param: Tensor, bits: int) -> Tensor:
-    """A zero correction for ``param``: the master weight equals the parameter."""
+    """A zero correction for ``param``: the master weight equals the parameter. For a
+    DTensor parameter (FSDP2) a DTensor with its placements, holding one element per element
+    of the rank's local shard (module docstring, "FSDP2")."""
+    if _sharded.is_dtensor(param):
+        local = torch.zeros_like(param.to_local(), dtype=correction_dtype(bits))
+        return _sharded.like_param(local.contiguous(), param)
     return torch.zeros_like(
         param, dtype=correction_dtype(bits), memory_format=torch.preserve_format
     )
@@ -336,14 +369,24 @@ def stall_fraction(before: Tensor, after: Tensor, grad: Tensor) -> float:
 def load(param: Tensor, corr: Tensor, *, flat: bool = False) -> Tensor:
     """The float32 master weight of ``param`` as a work tensor for the update paths (a new
     tensor, flattened with ``flat``: the 8-bit moments are flat), as
-    :func:`adoptim.formats.params.load_param` loads a parameter without correction."""
-    work = join(param.detach(), corr)
-    return work.reshape(-1) if flat else work
+    :func:`adoptim.formats.params.load_param` loads a parameter without correction.
+
+    DTensors (FSDP2): joined on the rank's local shard. A DTensor ``param`` gives a DTensor
+    sharded like it (the float-state paths run on DTensors), or with ``flat`` the flat local
+    tensor; a local ``param`` (the 8-bit paths step local views) takes ``corr``'s local
+    tensor."""
+    work = join(_sharded.local(param).detach(), _sharded.local(corr))
+    if flat:
+        return work.reshape(-1)
+    return _sharded.like_param(work, param) if _sharded.is_dtensor(param) else work
 
 
 def store(param: Tensor, corr: Tensor, work: Tensor, seed: int) -> None:
     """Store the updated master weight ``work`` into ``param`` and ``corr``; ``seed`` is the
-    tensor's seed for this step (:func:`adoptim.rng.step_seed`), for the 24-bit rounding."""
+    tensor's seed for this step (:func:`adoptim.rng.step_seed`), for the 24-bit rounding.
+    DTensors are split on the rank's local shard, with the random numbers of its local
+    element indices (module docstring, "FSDP2")."""
+    param, corr, work = (_sharded.local(t) for t in (param, corr, work))
     split_into(param, corr, work, step_dither(param, corr, seed))
 
 
@@ -380,11 +423,22 @@ def check_groups(param_groups: list[dict[str, Any]], *, fused: bool | None) -> N
                     "graph nor autograd can follow; use master_weight_bits=None"
                 )
         for p in group["params"]:
-            if p.dtype in CORRECTABLE and type(p) not in (Tensor, torch.nn.Parameter):
+            if p.dtype not in CORRECTABLE or type(p) in (Tensor, torch.nn.Parameter):
+                continue
+            if not _sharded.is_dtensor(p):
                 raise ValueError(
-                    f"master_weight_bits takes plain tensors, and a parameter is a "
-                    f"{type(p).__name__} (DTensor/FSDP2 is not supported yet); use "
-                    "master_weight_bits=None for it"
+                    f"master_weight_bits takes plain tensors and DTensors (FSDP2), and a "
+                    f"parameter is a {type(p).__name__}; use master_weight_bits=None for it"
+                )
+            # The correction is elementwise, joined and split on each rank's local tensor:
+            # any placement whose local tensor holds the parameter's elements works (Shard,
+            # Replicate, FSDP2's), not a Partial one (a sum of the ranks' local tensors).
+            if any(placement.is_partial() for placement in p.placements):
+                raise ValueError(
+                    f"master_weight_bits: a DTensor parameter has placements "
+                    f"{tuple(p.placements)}; a Partial placement's local tensors are "
+                    "summands, not elements, so a correction cannot be kept per element; "
+                    "use master_weight_bits=None for it"
                 )
 
 
@@ -427,14 +481,17 @@ def restore_after_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
             del state[STATE_KEY]
             dropped += 1
             continue
-        value = value.to(device=p.device, copy=True)
+        _check_sharding(p, value)
+        # on the local shard for DTensors (FSDP2): the correction is elementwise
+        local = _sharded.local(value).to(device=_sharded.local(p).device, copy=True)
         want = correction_dtype(group["master_weight_bits"])
-        if value.dtype != want:
+        if local.dtype != want:
             with torch.no_grad():
-                master = join(p.detach(), value)
-                p_new, value = split(master, p.dtype, group["master_weight_bits"])
-                p.copy_(p_new)
-        state[STATE_KEY] = value
+                p_local = _sharded.local(p)
+                master = join(p_local.detach(), local)
+                p_new, local = split(master, p.dtype, group["master_weight_bits"])
+                p_local.copy_(p_new)
+        state[STATE_KEY] = _sharded.like_param(local, p) if _sharded.is_dtensor(p) else local
     if dropped:
         warnings.warn(
             f"load_state_dict: the checkpoint holds master-weight corrections for {dropped} "
@@ -444,6 +501,29 @@ def restore_after_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
             "Build the optimizer with the checkpoint's master_weight_bits to keep it.",
             stacklevel=3,
         )
+
+
+def _check_sharding(p: Tensor, value: Tensor) -> None:
+    """A saved correction must be sharded as its parameter is (both plain, or DTensors with
+    the same placements): loading does not move elements between ranks."""
+    if _sharded.is_dtensor(p) == _sharded.is_dtensor(value) and (
+        not _sharded.is_dtensor(p) or tuple(value.placements) == tuple(p.placements)
+    ):
+        return
+
+    def where(t: Tensor) -> str:
+        if _sharded.is_dtensor(t):
+            return f"a DTensor with placements {tuple(t.placements)}"
+        return "a plain tensor"
+
+    raise ValueError(
+        f"loaded state dict's {STATE_KEY!r} is {where(value)}, but its parameter (shape "
+        f"{tuple(p.shape)}) is {where(p)}: a correction loads into the sharding it was saved "
+        "with. Under FSDP2 save and load with torch.distributed.checkpoint.state_dict's "
+        "get_optimizer_state_dict/set_optimizer_state_dict (full_state_dict=True gives a "
+        "checkpoint any sharding, or one process, can load), or move the weights with "
+        "get_fp32_model_state_dict/set_fp32_model_state_dict"
+    )
 
 
 def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
@@ -461,8 +541,9 @@ def fp32_model_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
             continue
         state = optimizer.state.get(value, {}) if isinstance(value, torch.nn.Parameter) else {}
         corr = state.get(STATE_KEY)
-        if corr is not None:
-            out[key] = join(value.detach(), corr)
+        if corr is not None:  # DTensors (FSDP2): joined per shard, sharded like the param
+            master = join(_sharded.local(value).detach(), _sharded.local(corr))
+            out[key] = _sharded.like_param(master, value) if _sharded.is_dtensor(value) else master
         elif value.is_floating_point():
             out[key] = value.detach().to(torch.float32, copy=True)
         else:
@@ -497,13 +578,19 @@ def load_fp32_model_state_dict(
                     f"set_fp32_model_state_dict: {key!r} has shape {tuple(value.shape)}, the "
                     f"model's has {tuple(target.shape)}"
                 )
+            if _sharded.is_dtensor(target):  # FSDP2: this rank's elements, as a DTensor
+                value = _as_sharded_like(value, target, key)
             group = groups.get(id(target))
             if group is not None and has_correction(target, group):
                 bits = group["master_weight_bits"]
+                local = _sharded.local(target)
                 p, c = split(
-                    value.to(device=target.device, dtype=torch.float32), target.dtype, bits
-                )
-                target.copy_(p)
+                    _sharded.local(value).to(device=local.device, dtype=torch.float32),
+                    target.dtype, bits,
+                )  # fmt: skip
+                local.copy_(p)
+                if _sharded.is_dtensor(target):
+                    c = _sharded.like_param(c, target)
                 optimizer.state[target][STATE_KEY] = c
             else:
                 target.copy_(value)
@@ -512,6 +599,25 @@ def load_fp32_model_state_dict(
                 )
                 if state and STATE_KEY in state:  # a stale correction would move it back
                     state[STATE_KEY].zero_()
+
+
+def _as_sharded_like(value: Tensor, target: Tensor, key: str) -> Tensor:
+    """``value`` (a full tensor, or a DTensor placed as ``target``) as a DTensor placed as the
+    DTensor ``target``: a full tensor is cut on each rank without communication (every rank
+    holds it, as after ``torch.load``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if _sharded.is_dtensor(value):
+        if tuple(value.placements) != tuple(target.placements):
+            raise ValueError(
+                f"set_fp32_model_state_dict: {key!r} is a DTensor with placements "
+                f"{tuple(value.placements)}, the model's has {tuple(target.placements)}; pass "
+                "the full tensor (e.g. value.full_tensor()) or one sharded as the model is"
+            )
+        return value
+    local = _sharded.local(target)
+    value = value.to(device=local.device)
+    return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
 
 
 class NumericsCheck:
@@ -597,12 +703,15 @@ class NumericsCheck:
 CHECK_SAMPLE = 4096
 
 
+# (DTensors, FSDP2: each rank samples its local shard, without communication)
+
+
 def _sample(p: Tensor, corr: Tensor | None) -> Tensor:
-    flat = p.detach().reshape(-1)[:CHECK_SAMPLE]
+    flat = _sharded.local(p).detach().reshape(-1)[:CHECK_SAMPLE]
     if corr is None:
         return flat.to(torch.float32, copy=True)
-    return join(flat, corr.reshape(-1)[:CHECK_SAMPLE])
+    return join(flat, _sharded.local(corr).reshape(-1)[:CHECK_SAMPLE])
 
 
 def _sample_grad(g: Tensor) -> Tensor:
-    return g.detach().reshape(-1)[:CHECK_SAMPLE].clone()
+    return _sharded.local(g).detach().reshape(-1)[:CHECK_SAMPLE].clone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adoptim.distributed import sharded as _sharded
 from adoptim.formats import blockwise8 as _b8
 
 __all__ = ["compute_dtype", "load_param", "stochastic_round_bf16", "store_param"]
@@ -42,9 +43,12 @@ def load_param(param: Tensor, *, flat: bool = False) -> tuple[Tensor, bool]:
 
 def store_param(param: Tensor, work: Tensor, *, stochastic: bool, seed: int) -> None:
     """Store the updated ``work`` (from :func:`load_param`, not a view) into ``param``;
-    ``seed``: the step's seed (:mod:`adoptim.rng`) for stochastic rounding."""
+    ``seed``: the step's seed (:mod:`adoptim.rng`) for stochastic rounding. DTensors (FSDP2)
+    are rounded on the rank's local shard, with its local element indices' random numbers
+    (as the 8-bit codes and master-weight corrections of a shard are)."""
     real = _real(param)
     if stochastic and real.dtype == torch.bfloat16 and work.dtype == torch.float32:
+        real, work = _sharded.local(real), _sharded.local(work)
         work = stochastic_round_bf16(work, seed)
     real.copy_(work.view(real.shape))
 
