@@ -286,3 +286,20 @@ def test_custom_clip_callable_is_not_saved_but_the_state_dict_still_loads():
     fresh = ADOPT(params, clip_lambda=lambda t: 1.0 + t)
     fresh.load_state_dict(saved)
     train(fresh, params, 2)
+
+
+def test_adoptw_takes_every_option_of_adopt():
+    """ADOPTW is ADOPT with decouple=True: every other keyword of ADOPT, with the same default
+    (weight_decay aside: AdamW's 1e-2), reaches the param groups (``seed`` was missing)."""
+    import inspect
+
+    from adoptim import ADOPT, ADOPTW
+
+    adopt = inspect.signature(ADOPT.__init__).parameters
+    adoptw = inspect.signature(ADOPTW.__init__).parameters
+    assert set(adopt) - {"decouple"} == set(adoptw)
+    for name, par in adopt.items():
+        if name not in ("self", "params", "decouple", "weight_decay"):
+            assert adoptw[name].default == par.default, name
+    opt = ADOPTW([torch.zeros(3, requires_grad=True)], seed=5)
+    assert opt.param_groups[0]["seed"] == 5 and opt.param_groups[0]["decouple"]

@@ -677,6 +677,7 @@ class ADOPTW(ADOPT):
         caution: bool = False,
         min_8bit_size: int = 4096,
         master_weight_bits: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -697,4 +698,5 @@ class ADOPTW(ADOPT):
             caution=caution,
             min_8bit_size=min_8bit_size,
             master_weight_bits=master_weight_bits,
+            seed=seed,
         )
