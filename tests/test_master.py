@@ -599,8 +599,9 @@ def test_options_are_validated_naming_the_argument():
     p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
     with pytest.raises(ValueError, match="master_weight_bits"):
         ADOPT([p], master_weight_bits=16)
-    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits"):
-        ADOPT([p], master_weight_bits=24, fused=True)
+    # fused=True: the C++ kernel takes the correction on CPU (the Triton kernel on CUDA does
+    # not yet, which check_groups refuses: test_master_fused_refused_on_cuda)
+    ADOPT([p], master_weight_bits=24, fused=True)
     with pytest.raises(ValueError, match="stochastic_rounding=True cannot be used"):
         ADOPTW([p], master_weight_bits=24, stochastic_rounding=True)
     with pytest.raises(ValueError, match="capturable=True"):
@@ -722,3 +723,15 @@ def test_found_inf_leaves_parameters_and_corrections_unchanged():
     adopt([p], [torch.ones(300).to(torch.bfloat16)], [m], [v], [step],
           found_inf=torch.tensor(0.0), master_corrections=[corr], **kw)  # fmt: skip
     assert step.item() == 4.0 and not torch.equal(corr, before[1])
+
+
+def test_master_fused_refused_on_cuda():
+    """fused=True with a correction is refused where the kernel cannot take it (the Triton
+    kernel, for parameters off the CPU), with a message that names both options; on CPU it
+    is accepted (the C++ kernel takes it)."""
+    off_cpu = torch.empty(10, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits.*meta"):
+        M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=True)
+    on_cpu = torch.empty(10, dtype=torch.bfloat16)
+    M.check_groups([{"params": [on_cpu], "master_weight_bits": 24}], fused=True)
+    M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=None)
