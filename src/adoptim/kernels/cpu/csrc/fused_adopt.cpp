@@ -337,11 +337,13 @@ struct FloatTensor {
 // where its sign disagrees with g and divided by the tensor's kept fraction `kept`.
 // (The arrays are restrict-qualified parameters and the scalars are passed by value, so that
 // the compiler knows no store can change a scalar and vectorises the loop.)
+// kRandom: the store takes a uniform number, frac(u0 + w[i - lo]) (the run [lo, hi) lies in
+// one block of 256 of the dither: see float_update).
 template <typename P, typename S, typename C, typename K, bool kCoupled, bool kDivide,
-          bool kNesterov, bool kCaution, bool kStochastic>
-void float_update(P* __restrict p, K* __restrict k, const P* __restrict g, S* __restrict m,
-                  S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
-                  const TensorScalars<C> sc, C kept, uint32_t seed, int64_t offset) {
+          bool kNesterov, bool kCaution, bool kStochastic, bool kRandom>
+void float_update_run(P* __restrict p, K* __restrict k, const P* __restrict g,
+                      S* __restrict m, S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
+                      const TensorScalars<C> sc, C kept, float u0, const float* __restrict w) {
   for (int64_t i = lo; i < hi; ++i) {
     const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
         static_cast<C>(g[i]), load_theta<P, K, C>(p, k, i), static_cast<C>(m[i]),
@@ -354,16 +356,36 @@ void float_update(P* __restrict p, K* __restrict k, const P* __restrict g, S* __
     m[i] = static_cast<S>(e.m);
     v[i] = static_cast<S>(e.v);
     const C theta = e.theta - h.lr * u;
-    float up = 0.0f;
-    if constexpr (kStochastic || std::is_same_v<K, int8_t>) {
-      // the same numbers as formats/blockwise8.dither: (stream 2: a plain bfloat16's
-      // stochastic rounding; stream 3: a 24-bit master weight's)
-      const uint64_t j = static_cast<uint64_t>(offset + i);
-      up = frac_sum(block_offset(seed, static_cast<uint32_t>(j >> 8),
-                                 kCorrected<K> ? kStreamMaster : kStreamParam),
-                    kWeyl.w[j & 255]);
-    }
+    const float up = kRandom ? frac_sum(u0, w[i - lo]) : 0.0f;
     store_theta<P, K, C>(p, k, i, theta, kStochastic, up, up);
+  }
+}
+
+// The update pass on elements [lo, hi) of one tensor (element 0 at `offset` in the whole
+// tensor). Where the store rounds with random numbers (a plain bfloat16's stochastic
+// rounding: stream 2; a 24-bit master weight: stream 3), they are formats/blockwise8.dither's
+// for element j = offset + i: one hash per block of 256 and the block's Weyl sequence, so the
+// range is walked one block of the dither at a time (contiguous loads of the Weyl table, one
+// hash per block: the loop vectorises).
+template <typename P, typename S, typename C, typename K, bool kCoupled, bool kDivide,
+          bool kNesterov, bool kCaution, bool kStochastic>
+void float_update(P* __restrict p, K* __restrict k, const P* __restrict g, S* __restrict m,
+                  S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
+                  const TensorScalars<C> sc, C kept, uint32_t seed, int64_t offset) {
+  if constexpr (kStochastic || std::is_same_v<K, int8_t>) {
+    constexpr uint32_t stream = kCorrected<K> ? kStreamMaster : kStreamParam;
+    for (int64_t i0 = lo; i0 < hi;) {
+      const uint64_t j0 = static_cast<uint64_t>(offset + i0);
+      const int64_t in_block = static_cast<int64_t>(j0 & (kBlock - 1));
+      const int64_t i1 = std::min(hi, i0 + (kBlock - in_block));
+      const float u0 = block_offset(seed, static_cast<uint32_t>(j0 >> 8), stream);
+      float_update_run<P, S, C, K, kCoupled, kDivide, kNesterov, kCaution, kStochastic, true>(
+          p, k, g, m, v, i0, i1, h, sc, kept, u0, kWeyl.w + in_block);
+      i0 = i1;
+    }
+  } else {
+    float_update_run<P, S, C, K, kCoupled, kDivide, kNesterov, kCaution, kStochastic, false>(
+        p, k, g, m, v, lo, hi, h, sc, kept, 0.0f, kWeyl.w);
   }
 }
 
