@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from unittest import mock
 
 import pytest
 import torch
@@ -599,8 +600,9 @@ def test_options_are_validated_naming_the_argument():
     p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
     with pytest.raises(ValueError, match="master_weight_bits"):
         ADOPT([p], master_weight_bits=16)
-    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits"):
-        ADOPT([p], master_weight_bits=24, fused=True)
+    # fused=True: the C++ kernel takes the correction on CPU (the Triton kernel on CUDA does
+    # not yet, which check_groups refuses: test_master_fused_refused_on_cuda)
+    ADOPT([p], master_weight_bits=24, fused=True)
     with pytest.raises(ValueError, match="stochastic_rounding=True cannot be used"):
         ADOPTW([p], master_weight_bits=24, stochastic_rounding=True)
     with pytest.raises(ValueError, match="capturable=True"):
@@ -722,3 +724,228 @@ def test_found_inf_leaves_parameters_and_corrections_unchanged():
     adopt([p], [torch.ones(300).to(torch.bfloat16)], [m], [v], [step],
           found_inf=torch.tensor(0.0), master_corrections=[corr], **kw)  # fmt: skip
     assert step.item() == 4.0 and not torch.equal(corr, before[1])
+
+
+def test_master_fused_refused_on_cuda():
+    """fused=True with a correction is refused where the kernel cannot take it (the Triton
+    kernel, for parameters off the CPU), with a message that names both options; on CPU it
+    is accepted (the C++ kernel takes it)."""
+    off_cpu = torch.empty(10, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits.*meta"):
+        M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=True)
+    on_cpu = torch.empty(10, dtype=torch.bfloat16)
+    M.check_groups([{"params": [on_cpu], "master_weight_bits": 24}], fused=True)
+    M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=None)
+
+
+# --------------------------------------------------------------------------------------------
+# The C++ kernel takes the correction: the same bits as the for-loop path
+
+from adoptim.formats import blockwise8 as _b8  # noqa: E402
+from adoptim.functional import adopt as _adopt_fn  # noqa: E402
+from adoptim.kernels.cpu import build as _kernel_cache  # noqa: E402
+from adoptim.kernels.cpu import launch as _cpu_launch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cpp_kernel():
+    op = _kernel_cache.load_kernel(wait=True, timeout=900)
+    if op is None:
+        pytest.skip(f"the C++ kernel cannot be built here: {_kernel_cache.failure_message()}")
+    return op
+
+
+def _bf16(bits: list[int]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _special_params(bits: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 tensor of 600 elements (three 8-bit blocks, the last one short) with the values
+    where split and join have cases, each with corrections at their extremes: powers of two
+    (exponent boundaries) and their neighbours, +-0, denormals, the largest finite value,
+    +-inf and NaN; the rest random normals with random corrections."""
+    lo, hi = -(1 << (bits - 17)), (1 << (bits - 17)) - 1  # the correction's range
+    patterns = [
+        0x3F80, 0x3F7F, 0x3F81, 0xBF80, 0xBF7F, 0x4000, 0x3FFF,  # 1, its neighbours, -1, 2
+        0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x0080, 0x807F,  # +-0, denormals, smallest normal
+        0x7F7F, 0xFF7F, 0x7F7E,  # the largest finite values
+        0x7F80, 0xFF80, 0x7FC0, 0xFFC1,  # +-inf, NaNs
+    ]
+    corr_values = [0, 1, -1, lo, hi, lo + 1, hi - 1]
+    p_bits, c_vals = [], []
+    for pat in patterns:
+        for c in corr_values:
+            p_bits.append(pat if pat < 0x8000 else pat - 0x10000)
+            c_vals.append(c)
+    n_special = len(p_bits)
+    rest = 600 - n_special
+    p = torch.cat([_bf16(p_bits), torch.randn(rest, generator=gen).to(torch.bfloat16)])
+    c_rest = torch.randint(lo, hi + 1, (rest,), generator=gen)
+    c = torch.cat([torch.tensor(c_vals), c_rest]).to(M.correction_dtype(bits))
+    return p, c
+
+
+def _bitwise_same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (bf16 parameters, corrections, codes); float32 moments and scales with
+    NaN equal to NaN (a NaN's sign and payload from torch's ops are not the kernel's)."""
+    if a.dtype == torch.bfloat16:
+        return torch.equal(a.view(torch.int16), b.view(torch.int16))
+    if a.is_floating_point():
+        nan = torch.isnan(a)
+        return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+    return torch.equal(a, b)
+
+
+KERNEL_OPTIONS = {
+    "adoptw": dict(weight_decay=0.1, decouple=True),
+    "coupled-decay+maximize": dict(weight_decay=0.1, maximize=True),
+    "nesterov+clip-off": dict(nesterov=True, clip_exp=None),
+    "caution": dict(caution=True),
+    "gradscaler-pow2": dict(grad_scale=1024.0),
+    "gradscaler-3": dict(grad_scale=3.0, weight_decay=0.01, decouple=True),
+    "tiny-lr": dict(lr=1e-39),  # the master weights of denormal parameters stay denormal
+}
+
+
+def _kernel_run(fused: bool, bits: int, state: str, opts: dict, steps: int = 3):
+    """Three tensors (special values, a random (37, 20) matrix, one of 5 elements) stepped
+    ``steps`` times by the functional API on the kernel (``fused``) or the for-loop path;
+    returns every tensor it updates."""
+    gen = torch.Generator().manual_seed(bits + len(state))
+    special, special_c = _special_params(bits, gen)
+    params = [special, torch.randn(37, 20, generator=gen).to(torch.bfloat16),
+              torch.randn(5, generator=gen).to(torch.bfloat16)]  # fmt: skip
+    corrections = [special_c] + [
+        torch.randint(-100, 100, p.shape, generator=gen).to(M.correction_dtype(bits))
+        for p in params[1:]
+    ]
+    if state == "8bit":
+        st = [_b8.new_state(p) for p in params]
+        m = [s["exp_avg"] for s in st]
+        v = [s["exp_avg_sq"] for s in st]
+        scales = dict(exp_avg_scales=[s["exp_avg_scale"] for s in st],
+                      exp_avg_sq_scales=[s["exp_avg_sq_scale"] for s in st])  # fmt: skip
+    else:
+        m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        scales = {}
+    step_t = [torch.zeros((), dtype=torch.float32) for _ in params]
+    opts = dict(opts)
+    grad_scale = opts.pop("grad_scale", None)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, clip_exp=0.25, weight_decay=0.0,
+                 decouple=False, maximize=False) | opts  # fmt: skip
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
+        if grad_scale is not None:
+            grads = [g * grad_scale for g in grads]
+        _adopt_fn(params, grads, m, v, step_t, fused=fused, foreach=False,
+                  master_corrections=corrections, seed=7, keys=[3, 1, 4],
+                  grad_scale=None if grad_scale is None else torch.tensor(grad_scale),
+                  found_inf=None if grad_scale is None else torch.tensor(0.0),
+                  **scales, **hyper)  # fmt: skip
+    out = {"param": params, "correction": corrections, "m": m, "v": v, "step": step_t}
+    out.update({k: list(x) for k, x in scales.items()})
+    return out
+
+
+@pytest.mark.parametrize("opts", list(KERNEL_OPTIONS), ids=list(KERNEL_OPTIONS))
+@pytest.mark.parametrize("state", ["float", "8bit"])
+@pytest.mark.parametrize("bits", [24, 32])
+def test_cpp_kernel_equals_forloop_path_bit_for_bit(cpp_kernel, bits, state, opts):
+    """The C++ kernel joins, updates and splits the master weight as the for-loop path does:
+    parameters, corrections, moments (or codes and scales) and step counts bit for bit, over
+    three steps, on the special values of split/join (exponent boundaries, zeros,
+    denormals, the largest finite values, inf, NaN) and random ones; 24 bits round with the
+    same dither (stream STREAM_MASTER, the tensor's step seed)."""
+    ran = []
+    real = _cpu_launch.fused_adopt_8bit if state == "8bit" else _cpu_launch.fused_adopt
+
+    def spy(*args, **kwargs):  # the kernel must take the corrected tensors, not leave them
+        left = real(*args, **kwargs)
+        ran.append((kwargs.get("corrections") is not None, left))
+        return left
+
+    name = "fused_adopt_8bit" if state == "8bit" else "fused_adopt"
+    with mock.patch.object(_cpu_launch, name, spy):
+        got = _kernel_run(True, bits, state, KERNEL_OPTIONS[opts])
+    want = _kernel_run(False, bits, state, KERNEL_OPTIONS[opts])
+    caution_8bit = state == "8bit" and KERNEL_OPTIONS[opts].get("caution")
+    assert ran and all(with_corr for with_corr, _ in ran)
+    if not caution_8bit:  # (the 8-bit kernel leaves caution to the for-loop path)
+        assert all(left == [] for _, left in ran)
+    for key, tensors in want.items():
+        for i, (a, b) in enumerate(zip(got[key], tensors)):
+            assert _bitwise_same(a, b), (key, i)
+
+
+def test_cpp_kernel_leaves_float16_and_strided_corrected_tensors(cpp_kernel):
+    """float16 parameters with a correction (a fraction of an fp16 ulp, not bits) and
+    non-contiguous bf16 ones come back as left, and step on the for-loop path: the same bits
+    as a for-loop run."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(40, 30, generator=gen) for _ in range(3)]
+
+    def tensors():
+        ps = [base[0].to(torch.float16), base[1].to(torch.bfloat16).t(),
+              base[2].to(torch.bfloat16)]  # fmt: skip
+        cs = [torch.full(p.shape, 3, dtype=torch.int8) for p in ps]
+        cs[1] = cs[1].t().contiguous().t()  # the same layout as its parameter
+        return ps, cs
+
+    results = []
+    for fused in (True, False):
+        ps, cs = tensors()
+        grads = [torch.ones_like(p) for p in ps]
+        m = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        v = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        steps = [torch.zeros(()) for _ in ps]
+        if fused:
+            left = _cpu_launch.fused_adopt(
+                ps, grads, m, v, steps, corrections=cs, lr=1e-2, beta1=0.9, beta2=0.999,
+                eps=1e-6, clip_exp=0.25, clip_fn=None, weight_decay=0.0, decouple=False,
+                maximize=False, nesterov=False, caution=False, has_complex=False,
+            )  # fmt: skip
+            assert left == [0, 1]
+            steps = [torch.zeros(()) for _ in ps]
+            ps, cs = tensors()
+            m = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+            v = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        _adopt_fn(ps, grads, m, v, steps, fused=fused, foreach=False, master_corrections=cs,
+                  lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, clip_exp=0.25, weight_decay=0.0,
+                  decouple=False, maximize=False)  # fmt: skip
+        results.append((ps, cs))
+    for a, b in zip(*[r[0] + r[1] for r in results]):
+        assert torch.equal(a, b)
+
+
+def test_fused_run_while_the_kernel_builds_equals_a_warm_run(cpp_kernel):
+    """While the kernel is being built the dispatch steps every tensor on the for-loop path;
+    a run whose first steps do that (the kernel 'still building') ends with the same bits as
+    a run on the kernel from its first step: bf16 + 24-bit correction, float and 8-bit state."""
+    def train(building_steps: int):
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16))
+              for s in ((64, 80), (300,), (9,))]  # fmt: skip
+        opts = [ADOPT(ps[:2], lr=1e-3, master_weight_bits=24, weight_decay=0.1),
+                ADOPT(ps[2:], lr=1e-3, master_weight_bits=24, state_dtype="8bit",
+                      min_8bit_size=0)]  # fmt: skip
+        for step in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            if step < building_steps:  # as load_kernel answers while the build runs
+                with mock.patch.object(_cpu_launch, "load_kernel", lambda build=True: None):
+                    for o in opts:
+                        o.step()
+            else:
+                for o in opts:
+                    o.step()
+        return ps, opts
+
+    cold, cold_opts = train(3)
+    warm, warm_opts = train(0)
+    for a, b in zip(cold, warm):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    for oc, ow in zip(cold_opts, warm_opts):
+        for a, b in zip(oc.param_groups[0]["params"], ow.param_groups[0]["params"]):
+            for key, value in oc.state[a].items():
+                assert _bitwise_same(value, ow.state[b][key]), key

@@ -89,8 +89,9 @@ def adopt(
     moments (``exp_avgs``/``exp_avg_sqs`` hold their codes; see
     :mod:`adoptim.formats.blockwise8`) and take the same path as the others.
     Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
-    :mod:`adoptim.formats.master`) are stepped on their float32 master weights, on the
-    unfused paths only (the kernels do not take the correction yet).
+    :mod:`adoptim.formats.master`) are stepped on their float32 master weights: by the C++
+    kernel (bfloat16 parameters), otherwise on the unfused paths (the Triton kernel does not
+    take the correction yet; float16 parameters with a correction).
     ``seed`` and ``keys`` (one per tensor, the same after save/load and on every rank: the
     optimizer passes each parameter's index in its state_dict numbering; default 0, 1, ...)
     give the random numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).
@@ -138,14 +139,16 @@ def adopt(
     # Under torch.compile the kernels have no tracing rules: the for-loop path runs, which
     # Inductor fuses into one loop per tensor (and nothing of the kernels' caches is traced).
     left = list(range(n))
-    if (triton or cpu_kernel) and not is_compiling() and len(corrected) < n:
-        # tensors with a master-weight correction skip the kernels (which lack it)
-        plain = [i for i in range(n) if corrections[i] is None]
-        sub = tuple([seq[i] for i in plain] for seq in lists)
-        kernel_left = _run_kernel(triton, sub, [scales[i] for i in plain], found_inf=found_inf,
-                                  strict=fused is True, keys=[keys[i] for i in plain],
-                                  **kwargs)  # fmt: skip
-        left = sorted(corrected + [plain[k] for k in kernel_left])
+    # (tensors with a master-weight correction: only to a kernel that takes it)
+    takes_corr = ("triton" if triton else "cpp") in _KERNELS_TAKING_CORRECTIONS
+    take = [i for i in range(n) if takes_corr or corrections[i] is None]
+    if (triton or cpu_kernel) and not is_compiling() and take:
+        sub = tuple([seq[i] for i in take] for seq in lists)
+        sub_corr = [corrections[i] for i in take] if takes_corr and corrected else None
+        kernel_left = _run_kernel(triton, sub, [scales[i] for i in take], found_inf=found_inf,
+                                  strict=fused is True, keys=[keys[i] for i in take],
+                                  corrections=sub_corr, **kwargs)  # fmt: skip
+        left = sorted(set(range(n)).difference(take).union(take[k] for k in kernel_left))
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
         foreach = _default_foreach([params[i] for i in left], differentiable)
@@ -163,21 +166,30 @@ def adopt(
                 budget=FOREACH_CHUNK_ELEMENTS if foreach else 0, **kwargs)  # fmt: skip
 
 
+#: the kernels whose launchers take ``corrections=`` (master-weight corrections, aligned with
+#: the parameters, None where absent); the others never see a corrected tensor
+_KERNELS_TAKING_CORRECTIONS = ("cpp",)
+
+
 def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: list[int],
-                **kwargs) -> list[int]:  # fmt: skip
-    """Step what the Triton (``triton``) or C++ kernel takes; return the indices it left."""
+                corrections: list | None = None, **kwargs) -> list[int]:  # fmt: skip
+    """Step what the Triton (``triton``) or C++ kernel takes; return the indices it left.
+    ``corrections`` (None: none of the tensors has one) goes to the launchers as is."""
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
+    if corrections is not None:
+        kwargs["corrections"] = corrections
     float_idx = [i for i, s in enumerate(scales) if s is None]
     eight_idx = [i for i, s in enumerate(scales) if s is not None]
     left: list[int] = []
     if float_idx:
         sub = tuple([seq[i] for i in float_idx] for seq in lists)
-        sub_keys = [keys[i] for i in float_idx]
+        sub_kw = dict(kwargs, keys=[keys[i] for i in float_idx])
+        if corrections is not None:
+            sub_kw["corrections"] = [corrections[i] for i in float_idx]
         if triton:
-            rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf,
-                                               keys=sub_keys, **kwargs)  # fmt: skip
+            rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf, **sub_kw)
         else:
-            rest = _cpu_kernel.fused_adopt(*sub, strict=strict, keys=sub_keys, **kwargs)
+            rest = _cpu_kernel.fused_adopt(*sub, strict=strict, **sub_kw)
         left += [float_idx[k] for k in rest]
     if eight_idx:
         # DTensors (FSDP2): the kernels step each rank's local shard and its local codes

@@ -174,12 +174,14 @@ class ADOPT(Optimizer):
             parameters ignore it. Format and measurements: :mod:`adoptim.formats.master`,
             ``docs/memory.md``; float32 weights out and in:
             :meth:`get_fp32_model_state_dict`, :meth:`set_fp32_model_state_dict`. Works
-            with every ``state_dtype`` and with FSDP2 (bf16 DTensor parameters, e.g.
-            ``model.to(torch.bfloat16)`` before ``fully_shard``: each rank corrects its local
-            shard, the correction a DTensor sharded like it); not with ``fused=True`` (the
-            kernels do not take the correction yet: such tensors run the for-loop path,
-            foreach on CUDA), ``stochastic_rounding``, ``capturable`` or
-            ``differentiable``. A numerics check warns once (an
+            with every ``state_dtype``, on every CPU path (the fused C++ kernel, the default
+            on CPU, joins and splits the master weight in registers for bfloat16 parameters;
+            float16 ones with a correction run the for-loop path) and with FSDP2 (bf16
+            DTensor parameters, e.g. ``model.to(torch.bfloat16)`` before ``fully_shard``:
+            each rank corrects its local shard, the correction a DTensor sharded like it).
+            Not with ``fused=True`` on CUDA (the Triton kernel does not take the correction
+            yet: such tensors run the foreach path when fused is unset),
+            ``stochastic_rounding``, ``capturable`` or ``differentiable``. A numerics check warns once (an
             :class:`~adoptim.formats.master.UpdateStallWarning`) when most updates of a
             bf16/fp16 tensor leave it unchanged.
 

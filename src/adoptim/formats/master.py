@@ -401,11 +401,17 @@ def check_groups(param_groups: list[dict[str, Any]], *, fused: bool | None) -> N
         if bits is None:
             continue
         if fused or group.get("fused"):
-            raise ValueError(
-                "fused=True cannot be used with master_weight_bits: the fused C++ and Triton "
-                "kernels do not take the master-weight correction yet; leave fused unset "
-                "(tensors with a correction then run the for-loop path, foreach on CUDA)"
-            )
+            # The C++ kernel (CPU) takes the correction; the Triton kernel does not yet.
+            # (float16 parameters with a correction, which the C++ kernel leaves, run the
+            # for-loop path as every tensor a kernel cannot walk does.)
+            for p in group["params"]:
+                if p.dtype in CORRECTABLE and p.device.type != "cpu":
+                    raise ValueError(
+                        "fused=True cannot be used with master_weight_bits for parameters on "
+                        f"{p.device}: the Triton kernel does not take the master-weight "
+                        "correction yet (the C++ kernel on CPU does); leave fused unset "
+                        "(tensors with a correction then run the foreach path)"
+                    )
         if group.get("stochastic_rounding"):
             raise ValueError(
                 "stochastic_rounding=True cannot be used with master_weight_bits: the "

@@ -8,6 +8,12 @@ scalars with the same code as the other paths (:func:`adoptim.schedule.call_scal
 one float64 table (:func:`_scalar_table`, with each tensor's key for the random numbers of
 :mod:`adoptim.rng`), and say which tensors the kernel cannot take, so that the caller runs
 those (or all of them, while the kernel is being built) on the for-loop path.
+
+Master-weight corrections (``corrections``, aligned with the parameters, None where a tensor
+has none; :mod:`adoptim.formats.master`) are taken for contiguous bfloat16 parameters: the
+kernel joins parameter and correction into the float32 master weight in registers and splits
+the result back. float16 parameters with a correction (whose correction counts fractions of
+an fp16 ulp, not bits) and non-contiguous ones are left to the for-loop path.
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (it shares the storage): the update is elementwise, so each
     rank runs the kernel on its own shards."""
     return t if type(t) in (Tensor, torch.nn.Parameter) else t.to_local()
+
+
+def _takes_correction(p: Tensor, corr: Tensor) -> bool:
+    """Whether the kernels take this parameter with its master-weight correction: a plain
+    contiguous bfloat16 tensor (float16's correction is not a bit field: the for-loop path)."""
+    return (
+        p.dtype == torch.bfloat16
+        and type(p) in (Tensor, torch.nn.Parameter)
+        and p.is_contiguous()
+        and corr.is_contiguous()
+        and corr.shape == p.shape
+        and corr.dtype in (torch.int8, torch.int16)
+    )
 
 
 def unsupported_reason(params: list[Tensor] | None = None) -> str | None:
@@ -157,10 +176,11 @@ def fused_adopt(
     strict: bool = False,
     seed: int = 0,
     keys: list[int] | None = None,
+    corrections: list[Tensor | None] | None = None,
     **kwargs: Any,
 ) -> list[int]:
     """The fused path for float moments: one pass over memory per tensor, all tensors in one
-    kernel call per dtype pair.
+    kernel call per dtype pair (and correction dtype).
 
     Returns the indices of the tensors it left alone, for the caller to run on the for-loop
     path: all of them while the kernel is being built and under torch.compile, and those
@@ -181,12 +201,25 @@ def fused_adopt(
             # caution rescales by the mask's mean over the whole tensor, which a shard does
             # not see: DTensors take the for-loop path (its mean is a DTensor reduction)
             aside = [i for i, p in enumerate(params) if type(p) not in (Tensor, torch.nn.Parameter)]
+        if corrections is not None:  # a shard's dither would need its place in the tensor
+            aside += [i for i, (p, c) in enumerate(zip(params, corrections))
+                      if c is not None and type(p) not in (Tensor, torch.nn.Parameter)]  # fmt: skip
         params, grads, exp_avgs, exp_avg_sqs = (
             [_local(t) for t in seq] for seq in (params, grads, exp_avgs, exp_avg_sqs)
         )
     skip = set(aside)
+    aside = sorted(skip)
+    corrections = [None] * len(params) if corrections is None else corrections
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if i in skip:
+            continue
+        corr = corrections[i]
+        if corr is not None:  # bfloat16 + correction: contiguous tensors only
+            dense = m.is_contiguous() and v.is_contiguous() and g.shape == p.shape
+            if dense and _takes_correction(p, corr):
+                buckets.setdefault((p.dtype, m.dtype, corr.dtype), []).append(i)
+            else:
+                aside.append(i)
             continue
         if p.is_contiguous() and m.is_contiguous() and v.is_contiguous():
             walkable = g.shape == p.shape
@@ -194,12 +227,12 @@ def fused_adopt(
             dense = p.is_contiguous(memory_format=torch.channels_last)
             walkable = dense and p.stride() == m.stride() == v.stride() and g.shape == p.shape
         if walkable:
-            buckets.setdefault((p.dtype, m.dtype), []).append(i)
+            buckets.setdefault((p.dtype, m.dtype, None), []).append(i)
         else:
             aside.append(i)
     has_complex = kwargs["has_complex"]
     hyper = _hyper(kwargs, grad_scale)
-    for (p_dtype, _), index in buckets.items():
+    for (p_dtype, _, c_dtype), index in buckets.items():
         b_params, b_grads, b_m, b_v = [], [], [], []
         for i in index:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
@@ -215,10 +248,11 @@ def fused_adopt(
         stochastic = stochastic_rounding and p_dtype == torch.bfloat16
         # (a DTensor shard's offset in its whole tensor is not used: see adoptim.rng)
         scalars = _scalar_table(steps, [keys[i] for i in index], [0] * len(index), **kwargs)
+        b_corr = [] if c_dtype is None else [corrections[i] for i in index]
         ops.fused_adopt_(
             b_params, b_grads, b_m, b_v,
             steps,  # the kernel adds 1 to each
-            scalars, *hyper, stochastic, seed, bool(kwargs["nesterov"]), bool(kwargs["caution"]),
+            b_corr, scalars, *hyper, stochastic, seed, bool(kwargs["nesterov"]), bool(kwargs["caution"]),
         )  # fmt: skip
     return aside
 
@@ -238,6 +272,7 @@ def fused_adopt_8bit(
     stochastic_rounding: bool,
     seed: int = 0,
     keys: list[int] | None = None,
+    corrections: list[Tensor | None] | None = None,
     **kwargs: Any,
 ) -> list[int]:
     """The fused path for 8-bit moments: step the tensors ``index`` with the kernel; return
@@ -252,10 +287,12 @@ def fused_adopt_8bit(
     keys = list(range(len(params))) if keys is None else keys
     lr = kwargs["lr"]
     kwargs["lr"] = lr.item() if isinstance(lr, Tensor) else float(lr)
-    buckets: dict[torch.dtype, list[int]] = {}
+    buckets: dict[tuple, list[int]] = {}
     aside: list[int] = []
+    corrections = [None] * len(params) if corrections is None else corrections
     for i in index:
         (p,) = view_as_real_if_complex(params[i])
+        corr = corrections[i]
         if p.device.type != "cpu":  # the op has a CPU implementation only
             if strict:
                 raise RuntimeError(
@@ -264,12 +301,17 @@ def fused_adopt_8bit(
                     "foreach=True or leave fused unset"
                 )
             aside.append(i)
+        elif corr is not None:
+            if _takes_correction(p, corr) and grads[i].shape == p.shape:
+                buckets.setdefault((p.dtype, corr.dtype), []).append(i)
+            else:
+                aside.append(i)
         elif p.is_contiguous() and p.dtype in KERNEL_DTYPES_8BIT and grads[i].shape == params[i].shape:
-            buckets.setdefault(p.dtype, []).append(i)
+            buckets.setdefault((p.dtype, None), []).append(i)
         else:
             aside.append(i)
     hyper = _hyper(kwargs, grad_scale)
-    for dtype, idx in buckets.items():
+    for (dtype, c_dtype), idx in buckets.items():
         steps = [state_steps[i] for i in idx]
         scalars = _scalar_table(steps, [keys[i] for i in idx], None, **kwargs)
         b_params, b_grads = [], []
@@ -283,6 +325,7 @@ def fused_adopt_8bit(
             [m_codes[i] for i in idx], [m_scales[i] for i in idx],
             [v_codes[i] for i in idx], [v_scales[i] for i in idx],
             steps,  # the kernel adds 1 to each
+            [] if c_dtype is None else [corrections[i] for i in idx],
             scalars, *hyper, stochastic_rounding and dtype == torch.bfloat16, seed,
             bool(kwargs.get("nesterov", False)),
         )  # fmt: skip

@@ -64,6 +64,7 @@ namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr uint32_t kStreamM = 0, kStreamV = 1, kStreamParam = 2;
+constexpr uint32_t kStreamMaster = 3;  // formats/blockwise8.STREAM_MASTER
 
 inline uint32_t hash32(uint32_t x) {  // lowbias32 (C. Wellons)
   x ^= x >> 16;
@@ -137,6 +138,88 @@ inline c10::BFloat16 round_param<c10::BFloat16, float>(float x, bool stochastic,
     rounded = bits;  // would overflow to inf: truncate toward zero instead
   }
   return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
+}
+
+// ------------------------------------------------------------------------------------------
+// The parameter's format: plain (the parameter is the weight: load casts to C, store rounds
+// as above), or a bfloat16 parameter plus a master-weight correction K per element
+// (adoptim/formats/master.py: int8_t for 24-bit master weights, int16_t for 32-bit). The
+// update runs on the float32 master weight join(param, correction) in registers and
+// split() stores it back; both are the Python code's integer operations on the float32 bit
+// pattern, in uint32 arithmetic where torch's int32 arithmetic wraps (the results are the
+// same modulo 2**32), with arithmetic right shifts. float16 parameters with a correction
+// take the unfused paths (their correction is a fraction of an fp16 ulp, not bits).
+
+struct NoCorrection {};  // K of a plain parameter
+
+template <typename K>
+constexpr bool kCorrected = !std::is_same_v<K, NoCorrection>;
+
+// master.join for bfloat16: q = param_bits * 2**s + c, shifted up into a float32 pattern.
+template <typename K>
+inline float master_join(c10::BFloat16 param, K corr) {
+  constexpr int kS = 8 * static_cast<int>(sizeof(K));
+  const int32_t p = static_cast<int16_t>(param.x);  // sign-extended, as view(int16).to(int32)
+  const int32_t mag = p & 0x7FFF;
+  int32_t c = corr;
+  // never made by split (they would wrap into a NaN pattern): read as c = 0
+  c = ((mag == 0) & (c < 0)) | ((mag == 0x7F80) & (c > 0)) ? 0 : c;
+  const uint32_t bits = (static_cast<uint32_t>(p) << 16) + (static_cast<uint32_t>(c) << (16 - kS));
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// master.split for bfloat16: round the float32 x to the master grid (24 bits: up with
+// probability (dropped low byte) / 256, from the dither u of stream kStreamMaster; 32 bits:
+// exact), then cut the top bits into the parameter (rounded to nearest, ties away from zero)
+// and the signed correction.
+template <typename K>
+inline void master_split(float x, float u, c10::BFloat16* param, K* corr) {
+  constexpr int kS = 8 * static_cast<int>(sizeof(K));
+  constexpr int kDrop = 16 - kS;
+  const uint32_t bits = f32_bits(x);
+  int32_t q;
+  if constexpr (kDrop > 0) {
+    const uint32_t noise = static_cast<uint32_t>(static_cast<int32_t>(u * 256.0f));
+    const int32_t up = static_cast<int32_t>(bits + noise) >> kDrop;
+    const int32_t down = static_cast<int32_t>(bits) >> kDrop;
+    // next to the largest finite value a round-up could reach inf's pattern: truncate those
+    const bool over = ((up & 0x7FFFFF) == 0x7F8000) & ((bits & 0x7F800000u) != 0x7F800000u);
+    q = over ? down : up;
+  } else {
+    q = static_cast<int32_t>(bits);
+  }
+  const int32_t low = q & ((1 << kS) - 1);
+  int32_t c = low - ((low & (1 << (kS - 1))) << 1);  // the low s bits, signed
+  int32_t p = static_cast<int32_t>(static_cast<uint32_t>(q) - static_cast<uint32_t>(c)) >> kS;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  p = nan ? 0x7FC0 : p;
+  c = nan ? 0 : c;
+  *param = c10::BFloat16(static_cast<uint16_t>(p), c10::BFloat16::from_bits());
+  *corr = static_cast<K>(c);
+}
+
+// The parameter format's load (the weight the update starts from) ...
+template <typename P, typename K, typename C>
+inline C load_theta(const P* __restrict p, const K* __restrict k, int64_t i) {
+  if constexpr (kCorrected<K>) {
+    static_assert(std::is_same_v<P, c10::BFloat16> && std::is_same_v<C, float>);
+    return master_join<K>(p[i], k[i]);
+  } else {
+    return static_cast<C>(p[i]);
+  }
+}
+
+// ... and its store: u_param rounds a plain bfloat16 stochastically, u_master a 24-bit master.
+template <typename P, typename K, typename C>
+inline void store_theta(P* __restrict p, K* __restrict k, int64_t i, C theta, bool stochastic,
+                        float u_param, float u_master) {
+  if constexpr (kCorrected<K>) {
+    master_split<K>(theta, u_master, &p[i], &k[i]);
+  } else {
+    p[i] = round_param<P, C>(theta, stochastic, u_param);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -238,9 +321,10 @@ TensorScalars<C> tensor_scalars(double bound, double sq_weight, double decay) {
 // ------------------------------------------------------------------------------------------
 // Format 1: float moments (state type S), walked element by element
 
-template <typename P, typename S, typename C>
+template <typename P, typename S, typename C, typename K>
 struct FloatTensor {
   P* p;
+  K* k;  // the master-weight correction (nullptr for a plain parameter)
   const P* g;
   S* m;
   S* v;
@@ -253,14 +337,16 @@ struct FloatTensor {
 // where its sign disagrees with g and divided by the tensor's kept fraction `kept`.
 // (The arrays are restrict-qualified parameters and the scalars are passed by value, so that
 // the compiler knows no store can change a scalar and vectorises the loop.)
-template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov,
-          bool kCaution, bool kStochastic>
-void float_update(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
-                  int64_t lo, int64_t hi, const Hyper<C> h, const TensorScalars<C> sc, C kept,
-                  uint32_t seed, int64_t offset) {
+// kRandom: the store takes a uniform number, frac(u0 + w[i - lo]) (the run [lo, hi) lies in
+// one block of 256 of the dither: see float_update).
+template <typename P, typename S, typename C, typename K, bool kCoupled, bool kDivide,
+          bool kNesterov, bool kCaution, bool kStochastic, bool kRandom>
+void float_update_run(P* __restrict p, K* __restrict k, const P* __restrict g,
+                      S* __restrict m, S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
+                      const TensorScalars<C> sc, C kept, float u0, const float* __restrict w) {
   for (int64_t i = lo; i < hi; ++i) {
     const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
-        static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
+        static_cast<C>(g[i]), load_theta<P, K, C>(p, k, i), static_cast<C>(m[i]),
         static_cast<C>(v[i]), h, sc);
     C u = e.u;
     if constexpr (kCaution) {
@@ -270,25 +356,49 @@ void float_update(P* __restrict p, const P* __restrict g, S* __restrict m, S* __
     m[i] = static_cast<S>(e.m);
     v[i] = static_cast<S>(e.v);
     const C theta = e.theta - h.lr * u;
-    float up = 0.0f;
-    if constexpr (kStochastic) {
-      const uint64_t j = static_cast<uint64_t>(offset + i);
-      up = frac_sum(block_offset(seed, static_cast<uint32_t>(j >> 8), kStreamParam),
-                    kWeyl.w[j & 255]);
+    const float up = kRandom ? frac_sum(u0, w[i - lo]) : 0.0f;
+    store_theta<P, K, C>(p, k, i, theta, kStochastic, up, up);
+  }
+}
+
+// The update pass on elements [lo, hi) of one tensor (element 0 at `offset` in the whole
+// tensor). Where the store rounds with random numbers (a plain bfloat16's stochastic
+// rounding: stream 2; a 24-bit master weight: stream 3), they are formats/blockwise8.dither's
+// for element j = offset + i: one hash per block of 256 and the block's Weyl sequence, so the
+// range is walked one block of the dither at a time (contiguous loads of the Weyl table, one
+// hash per block: the loop vectorises).
+template <typename P, typename S, typename C, typename K, bool kCoupled, bool kDivide,
+          bool kNesterov, bool kCaution, bool kStochastic>
+void float_update(P* __restrict p, K* __restrict k, const P* __restrict g, S* __restrict m,
+                  S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
+                  const TensorScalars<C> sc, C kept, uint32_t seed, int64_t offset) {
+  if constexpr (kStochastic || std::is_same_v<K, int8_t>) {
+    constexpr uint32_t stream = kCorrected<K> ? kStreamMaster : kStreamParam;
+    for (int64_t i0 = lo; i0 < hi;) {
+      const uint64_t j0 = static_cast<uint64_t>(offset + i0);
+      const int64_t in_block = static_cast<int64_t>(j0 & (kBlock - 1));
+      const int64_t i1 = std::min(hi, i0 + (kBlock - in_block));
+      const float u0 = block_offset(seed, static_cast<uint32_t>(j0 >> 8), stream);
+      float_update_run<P, S, C, K, kCoupled, kDivide, kNesterov, kCaution, kStochastic, true>(
+          p, k, g, m, v, i0, i1, h, sc, kept, u0, kWeyl.w + in_block);
+      i0 = i1;
     }
-    p[i] = round_param<P, C>(theta, kStochastic, up);
+  } else {
+    float_update_run<P, S, C, K, kCoupled, kDivide, kNesterov, kCaution, kStochastic, false>(
+        p, k, g, m, v, lo, hi, h, sc, kept, 0.0f, kWeyl.w);
   }
 }
 
 // Caution's counting pass: how many of the elements have u * g > 0 (nothing is written).
-template <typename P, typename S, typename C, bool kCoupled, bool kDivide, bool kNesterov>
-int64_t float_count(const P* __restrict p, const P* __restrict g, const S* __restrict m,
-                    const S* __restrict v, int64_t lo, int64_t hi, const Hyper<C> h,
-                    const TensorScalars<C> sc) {
+template <typename P, typename S, typename C, typename K, bool kCoupled, bool kDivide,
+          bool kNesterov>
+int64_t float_count(const P* __restrict p, const K* __restrict k, const P* __restrict g,
+                    const S* __restrict m, const S* __restrict v, int64_t lo, int64_t hi,
+                    const Hyper<C> h, const TensorScalars<C> sc) {
   int64_t kept = 0;
   for (int64_t i = lo; i < hi; ++i) {
     const Element<C> e = adopt_element<C, kCoupled, kDivide, kNesterov>(
-        static_cast<C>(g[i]), static_cast<C>(p[i]), static_cast<C>(m[i]),
+        static_cast<C>(g[i]), load_theta<P, K, C>(p, k, i), static_cast<C>(m[i]),
         static_cast<C>(v[i]), h, sc);
     kept += e.u * e.g > C(0) ? 1 : 0;
   }
@@ -299,10 +409,10 @@ int64_t float_count(const P* __restrict p, const P* __restrict g, const S* __res
 // at::parallel_for over the total count, each task walking the tensors its range covers, so
 // that thousands of small tensors cost one parallel region per step. (Which task computes an
 // element changes none of its bits.)
-template <typename P, typename S, typename C>
+template <typename P, typename S, typename C, typename K>
 struct FloatBatch {
   static constexpr int kNumFlags = 4;  // coupled, divide, nesterov, caution
-  std::vector<FloatTensor<P, S, C>> ts;
+  std::vector<FloatTensor<P, S, C, K>> ts;
   std::vector<int64_t> offsets;  // element offsets of each tensor in the concatenation
   Hyper<C> h;
 
@@ -327,8 +437,9 @@ struct FloatBatch {
 
   template <bool kCoupled, bool kDivide, bool kNesterov, bool kCaution>
   void run() const {
-    // stochastic rounding is a choice for bfloat16 parameters only (fewer instantiations)
-    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    // stochastic rounding is a choice for plain bfloat16 parameters only (fewer
+    // instantiations); a master weight's rounding is its format's
+    if constexpr (std::is_same_v<P, c10::BFloat16> && !kCorrected<K>) {
       if (h.stochastic) {
         run_passes<kCoupled, kDivide, kNesterov, kCaution, true>();
         return;
@@ -349,9 +460,9 @@ struct FloatBatch {
         n.store(0, std::memory_order_relaxed);
       }
       for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
-        const FloatTensor<P, S, C>& t = ts[k];
-        counts[k].fetch_add(float_count<P, S, C, kCoupled, kDivide, kNesterov>(
-                                t.p, t.g, t.m, t.v, lo, hi, h, t.sc),
+        const FloatTensor<P, S, C, K>& t = ts[k];
+        counts[k].fetch_add(float_count<P, S, C, K, kCoupled, kDivide, kNesterov>(
+                                t.p, t.k, t.g, t.m, t.v, lo, hi, h, t.sc),
                             std::memory_order_relaxed);
       });
       for (int64_t k = 0; k < count; ++k) {
@@ -361,9 +472,9 @@ struct FloatBatch {
       }
     }
     for_pieces([&](int64_t k, int64_t lo, int64_t hi) {
-      const FloatTensor<P, S, C>& t = ts[k];
-      float_update<P, S, C, kCoupled, kDivide, kNesterov, kCaution, kStochastic>(
-          t.p, t.g, t.m, t.v, lo, hi, h, t.sc, kept[k], t.seed, t.offset);
+      const FloatTensor<P, S, C, K>& t = ts[k];
+      float_update<P, S, C, K, kCoupled, kDivide, kNesterov, kCaution, kStochastic>(
+          t.p, t.k, t.g, t.m, t.v, lo, hi, h, t.sc, kept[k], t.seed, t.offset);
     });
   }
 };
@@ -391,6 +502,7 @@ constexpr float kVLevels2 = 65025.0f;  // 255 * 255
 
 struct Tensor8 {
   void* p;
+  void* k;  // the master-weight correction (nullptr for a plain parameter)
   const void* g;
   int8_t* qm;
   float* sm;
@@ -403,12 +515,13 @@ struct Tensor8 {
 
 struct Pass1 {  // block b's inputs for pass 1
   void* p;
+  void* k;
   const void* g;
   const int8_t* qm;
   const uint8_t* qv;
   float* mbuf;
   float* vbuf;
-  float m_step, s_step, u0p;
+  float m_step, s_step, u0p, u0k;  // u0k: the block's offset on the master's stream
   const Tensor8* t;
   float amax, vmax, nan_m, nan_v;  // out: the block's largest |m| and v; NaNs among m, v
 };
@@ -423,10 +536,12 @@ struct Pass2 {  // block b's inputs for pass 2
 
 inline int64_t block_len(const Tensor8& t, int64_t b) { return std::min(kBlock, t.n - b * kBlock); }
 
-inline Pass1 pass1_of(const Tensor8& t, int64_t b, size_t elem, float* mbuf, float* vbuf) {
+inline Pass1 pass1_of(const Tensor8& t, int64_t b, size_t elem, size_t k_elem, float* mbuf,
+                      float* vbuf) {
   const int64_t j0 = b * kBlock;
   Pass1 a;
   a.p = static_cast<char*>(t.p) + j0 * elem;
+  a.k = t.k == nullptr ? nullptr : static_cast<char*>(t.k) + j0 * k_elem;
   a.g = static_cast<const char*>(t.g) + j0 * elem;
   a.qm = t.qm + j0;
   a.qv = t.qv + j0;
@@ -435,6 +550,7 @@ inline Pass1 pass1_of(const Tensor8& t, int64_t b, size_t elem, float* mbuf, flo
   a.m_step = t.sm[b] / kMLevels;
   a.s_step = t.sv[b] / kVLevels2;
   a.u0p = block_offset(t.seed, static_cast<uint32_t>(b), kStreamParam);
+  a.u0k = block_offset(t.seed, static_cast<uint32_t>(b), kStreamMaster);
   a.t = &t;
   a.amax = 0.0f;
   a.vmax = 0.0f;
@@ -466,10 +582,12 @@ inline Pass2 pass2_of(const Tensor8& t, int64_t b, const Pass1& a) {
 }
 
 // len elements of pass 1 of block a (kP1) and/or pass 2 of block c (kP2).
-template <typename P, bool kCoupled, bool kDivide, bool kNesterov, bool kP1, bool kP2>
+template <typename P, typename K, bool kCoupled, bool kDivide, bool kNesterov, bool kP1,
+          bool kP2>
 void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper) {
   const Hyper<float> h = hyper;  // a local copy: no store through the arrays can change it
   P* __restrict p = static_cast<P*>(a.p);
+  K* __restrict k = static_cast<K*>(a.k);
   const P* __restrict g = static_cast<const P*>(a.g);
   const int8_t* __restrict qm_in = a.qm;
   const uint8_t* __restrict qv_in = a.qv;
@@ -479,7 +597,7 @@ void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper
   uint8_t* __restrict qv_out = c.qv;
   const float* __restrict mbuf_in = c.mbuf;
   const float* __restrict vbuf_in = c.vbuf;
-  const float m_step = a.m_step, s_step = a.s_step, u0p = a.u0p;
+  const float m_step = a.m_step, s_step = a.s_step, u0p = a.u0p, u0k = a.u0k;
   const TensorScalars<float> sc = kP1 ? a.t->sc : TensorScalars<float>{};
   const float m_inv = c.m_inv, v_step = c.v_step, v_inv = c.v_inv, u0m = c.u0m, u0v = c.u0v;
   float amax = 0.0f, vmax = 0.0f, nan_m = 0.0f, nan_v = 0.0f;
@@ -489,7 +607,7 @@ void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper
       const float q = static_cast<float>(qv_in[i]);
       const float s = (q * q) * s_step;
       const Element<float> e = adopt_element<float, kCoupled, kDivide, kNesterov>(
-          static_cast<float>(g[i]), static_cast<float>(p[i]),
+          static_cast<float>(g[i]), load_theta<P, K, float>(p, k, i),
           static_cast<float>(qm_in[i]) * m_step, s * s, h, sc);
       mbuf_out[i] = e.m;
       vbuf_out[i] = e.v;
@@ -498,7 +616,8 @@ void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper
       vmax = e.v > vmax ? e.v : vmax;
       nan_m += e.m != e.m ? 1.0f : 0.0f;  // (std::max and the selects above skip a NaN)
       nan_v += e.v != e.v ? 1.0f : 0.0f;
-      p[i] = round_param<P, float>(e.theta - h.lr * e.u, h.stochastic, frac_sum(u0p, kWeyl.w[i]));
+      store_theta<P, K, float>(p, k, i, e.theta - h.lr * e.u, h.stochastic,
+                               frac_sum(u0p, kWeyl.w[i]), frac_sum(u0k, kWeyl.w[i]));
     }
     if constexpr (kP2) {  // requantize (blockwise8.quantize_m / quantize_v)
       const float um = frac_sum(u0m, kWeyl.w[i]);
@@ -529,7 +648,7 @@ void block_loop(Pass1& a, const Pass2& c, int64_t len, const Hyper<float>& hyper
   }
 }
 
-template <typename P>
+template <typename P, typename K>
 struct Batch8 {
   static constexpr int kNumFlags = 3;  // coupled, divide, nesterov
   const std::vector<Tensor8>* ts;
@@ -557,21 +676,22 @@ struct Batch8 {
         }
         const Tensor8& t = tensors[k];
         const int64_t b = blk - offsets[k], len = block_len(t, b), slot = blk & 1;
-        Pass1 a = pass1_of(t, b, sizeof(P), mbuf[slot], vbuf[slot]);
+        Pass1 a = pass1_of(t, b, sizeof(P), kCorrected<K> ? sizeof(K) : 0, mbuf[slot],
+                           vbuf[slot]);
         if (prev_len == kBlock && len == kBlock) {
-          block_loop<P, kCoupled, kDivide, kNesterov, true, true>(a, prev, kBlock, h);
+          block_loop<P, K, kCoupled, kDivide, kNesterov, true, true>(a, prev, kBlock, h);
         } else {
           if (prev_len > 0) {
-            block_loop<P, kCoupled, kDivide, kNesterov, false, true>(a, prev, prev_len, h);
+            block_loop<P, K, kCoupled, kDivide, kNesterov, false, true>(a, prev, prev_len, h);
           }
-          block_loop<P, kCoupled, kDivide, kNesterov, true, false>(a, none, len, h);
+          block_loop<P, K, kCoupled, kDivide, kNesterov, true, false>(a, none, len, h);
         }
         prev = pass2_of(t, b, a);
         prev_len = len;
       }
       if (prev_len > 0) {
         Pass1 unused{};
-        block_loop<P, kCoupled, kDivide, kNesterov, false, true>(unused, prev, prev_len, h);
+        block_loop<P, K, kCoupled, kDivide, kNesterov, false, true>(unused, prev, prev_len, h);
       }
     });
   }
@@ -601,6 +721,30 @@ void check_common(const char* op, size_t count, at::TensorList params, at::Tenso
   }
 }
 
+// corrections: empty (plain parameters) or one per parameter, all int8 (24-bit master
+// weights) or all int16 (32-bit), contiguous and shaped like bfloat16 contiguous parameters.
+// Returns the correction's element size (0: none).
+size_t check_corrections(const char* op, at::TensorList params, at::TensorList corrections) {
+  if (corrections.empty()) {
+    return 0;
+  }
+  TORCH_CHECK(corrections.size() == params.size(), op,
+              ": corrections must be empty or one per parameter");
+  const auto c_type = corrections[0].scalar_type();
+  TORCH_CHECK(c_type == at::kChar || c_type == at::kShort, op,
+              ": corrections must be int8 (24-bit master weights) or int16 (32-bit)");
+  for (size_t k = 0; k < params.size(); ++k) {
+    TORCH_CHECK(params[k].scalar_type() == at::kBFloat16, op,
+                ": the kernel takes master-weight corrections for bfloat16 parameters only");
+    TORCH_CHECK(corrections[k].device().is_cpu() && corrections[k].scalar_type() == c_type &&
+                    corrections[k].is_contiguous() && params[k].is_contiguous() &&
+                    corrections[k].numel() == params[k].numel(),
+                op, ": tensor ", k, " and its correction must be contiguous, of ",
+                params[k].numel(), " elements, and the corrections of one dtype");
+  }
+  return c_type == at::kChar ? 1 : 2;
+}
+
 void advance_steps(at::TensorList steps) {
   // Each tensor's call count, as the other paths' step_t += 1 (a Python loop or a foreach op
   // over thousands of one-element tensors costs more than the update of small ones).
@@ -609,19 +753,24 @@ void advance_steps(at::TensorList steps) {
   }
 }
 
-template <typename P, typename S, typename C>
+template <typename P, typename S, typename C, typename K>
 void run_float(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList steps, const double* sc,
-               const Hyper<C>& h, std::initializer_list<bool> flags) {
-  FloatBatch<P, S, C> b;
+               at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList corrections,
+               const double* sc, const Hyper<C>& h, std::initializer_list<bool> flags) {
+  FloatBatch<P, S, C, K> b;
   const int64_t count = static_cast<int64_t>(params.size());
   b.h = h;
   b.ts.resize(count);
   b.offsets.assign(count + 1, 0);
   for (int64_t k = 0; k < count; ++k) {
     b.offsets[k + 1] = b.offsets[k] + params[k].numel();
-    FloatTensor<P, S, C>& t = b.ts[k];
+    FloatTensor<P, S, C, K>& t = b.ts[k];
     t.p = params[k].data_ptr<P>();
+    if constexpr (kCorrected<K>) {
+      t.k = static_cast<K*>(corrections[k].data_ptr());
+    } else {
+      t.k = nullptr;
+    }
     t.g = grads[k].data_ptr<P>();
     t.m = exp_avgs[k].data_ptr<S>();
     t.v = exp_avg_sqs[k].data_ptr<S>();
@@ -634,7 +783,8 @@ void run_float(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }
 
 void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& scalars,
+                  at::TensorList exp_avg_sqs, at::TensorList steps,
+                  at::TensorList corrections, const at::Tensor& scalars,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
                   bool coupled, bool maximize, double grad_scale, bool stochastic, int64_t seed,
                   bool nesterov, bool caution) {
@@ -645,6 +795,7 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
   if (count == 0) {
     return;
   }
+  const size_t k_size = check_corrections("fused_adopt_", params, corrections);
   const auto p_type = params[0].scalar_type();
   const auto s_type = exp_avgs[0].scalar_type();
   for (size_t k = 0; k < count; ++k) {
@@ -669,27 +820,38 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
 
   using BF = c10::BFloat16;
   using H = c10::Half;
-  const auto go = [&](auto p_tag, auto s_tag, auto c_tag) {
+  const auto go = [&](auto p_tag, auto s_tag, auto c_tag, auto k_tag) {
     using P = decltype(p_tag);
     using S = decltype(s_tag);
     using C = decltype(c_tag);
+    using K = decltype(k_tag);
     const Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                                     &divide, sr, seed);
-    run_float<P, S, C>(params, grads, exp_avgs, exp_avg_sqs, steps, sc, h,
-                       {coupled_on, divide, nesterov, caution});
+                                     &divide, sr && !kCorrected<K>, seed);
+    run_float<P, S, C, K>(params, grads, exp_avgs, exp_avg_sqs, steps, corrections, sc, h,
+                          {coupled_on, divide, nesterov, caution});
   };
-  if (p_type == at::kFloat && s_type == at::kFloat) {
-    go(float{}, float{}, float{});
+  const NoCorrection none;
+  if (k_size != 0) {  // bfloat16 + correction (checked above), float32 or bfloat16 moments
+    TORCH_CHECK(s_type == at::kFloat || s_type == at::kBFloat16,
+                "fused_adopt_: moments of a corrected bfloat16 parameter must be float32 or "
+                "bfloat16, not ", s_type);
+    if (s_type == at::kFloat) {
+      k_size == 1 ? go(BF{}, float{}, float{}, int8_t{}) : go(BF{}, float{}, float{}, int16_t{});
+    } else {
+      k_size == 1 ? go(BF{}, BF{}, float{}, int8_t{}) : go(BF{}, BF{}, float{}, int16_t{});
+    }
+  } else if (p_type == at::kFloat && s_type == at::kFloat) {
+    go(float{}, float{}, float{}, none);
   } else if (p_type == at::kDouble && s_type == at::kDouble) {
-    go(double{}, double{}, double{});
+    go(double{}, double{}, double{}, none);
   } else if (p_type == at::kBFloat16 && s_type == at::kFloat) {
-    go(BF{}, float{}, float{});
+    go(BF{}, float{}, float{}, none);
   } else if (p_type == at::kBFloat16 && s_type == at::kBFloat16) {
-    go(BF{}, BF{}, float{});
+    go(BF{}, BF{}, float{}, none);
   } else if (p_type == at::kHalf && s_type == at::kFloat) {
-    go(H{}, float{}, float{});
+    go(H{}, float{}, float{}, none);
   } else if (p_type == at::kHalf && s_type == at::kHalf) {
-    go(H{}, H{}, float{});
+    go(H{}, H{}, float{}, none);
   } else {
     TORCH_CHECK(false, "fused_adopt_: unsupported dtypes (parameter ", p_type, ", state ",
                 s_type, ")");
@@ -699,7 +861,8 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
 
 void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorList m_codes,
                        at::TensorList m_scales, at::TensorList v_codes, at::TensorList v_scales,
-                       at::TensorList steps, const at::Tensor& scalars, double lr, double beta1,
+                       at::TensorList steps, at::TensorList corrections,
+                       const at::Tensor& scalars, double lr, double beta1,
                        double beta2, double eps, double weight_decay, bool coupled,
                        bool maximize, double grad_scale, bool stochastic, int64_t seed,
                        bool nesterov) {
@@ -711,6 +874,7 @@ void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorLi
   if (count == 0) {
     return;
   }
+  const size_t k_size = check_corrections("fused_adopt_8bit_", params, corrections);
   const auto p_type = params[0].scalar_type();
   const double* sc = scalars.data_ptr<double>();
   std::vector<Tensor8> ts(count);
@@ -730,6 +894,7 @@ void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorLi
                 "fused_adopt_8bit_: tensor ", k, " needs ", blocks, " float32 scales per moment");
     Tensor8& t = ts[k];
     t.p = params[k].data_ptr();
+    t.k = k_size == 0 ? nullptr : corrections[k].data_ptr();
     t.g = grads[k].data_ptr();
     t.qm = m_codes[k].data_ptr<int8_t>();
     t.sm = m_scales[k].data_ptr<float>();
@@ -744,19 +909,24 @@ void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorLi
   const bool sr = stochastic && p_type == at::kBFloat16;
   const bool coupled_on = coupled && weight_decay != 0.0;
   const Hyper<float> h = make_hyper<float>(lr, beta1, beta2, eps, weight_decay, maximize,
-                                           grad_scale, &divide, sr, seed);
-  const auto go = [&](auto p_tag) {
-    Batch8<decltype(p_tag)> b;
+                                           grad_scale, &divide, sr && k_size == 0, seed);
+  const auto go = [&](auto p_tag, auto k_tag) {
+    Batch8<decltype(p_tag), decltype(k_tag)> b;
     b.ts = &ts;
     b.h = h;
     dispatch_flags(b, {coupled_on, divide, nesterov});
   };
-  if (p_type == at::kFloat) {
-    go(float{});
+  const NoCorrection none;
+  if (k_size == 1) {  // bfloat16 (checked above) + 24-bit master weights
+    go(c10::BFloat16{}, int8_t{});
+  } else if (k_size == 2) {  // + 32-bit master weights
+    go(c10::BFloat16{}, int16_t{});
+  } else if (p_type == at::kFloat) {
+    go(float{}, none);
   } else if (p_type == at::kBFloat16) {
-    go(c10::BFloat16{});
+    go(c10::BFloat16{}, none);
   } else if (p_type == at::kHalf) {
-    go(c10::Half{});
+    go(c10::Half{}, none);
   } else {
     TORCH_CHECK(false, "fused_adopt_8bit_: unsupported parameter dtype ", p_type,
                 " (float32, bfloat16, float16)");
@@ -769,13 +939,15 @@ void fused_adopt_8bit_(at::TensorList params, at::TensorList grads, at::TensorLi
 TORCH_LIBRARY(adoptim, m) {
   m.def(
       "fused_adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor scalars, float lr, float beta1, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] corrections, Tensor scalars, "
+      "float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool coupled, bool maximize, "
       "float grad_scale, bool stochastic, int seed, bool nesterov, bool caution) -> ()");
   m.def(
       "fused_adopt_8bit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m_codes, "
       "Tensor(c!)[] m_scales, Tensor(d!)[] v_codes, Tensor(e!)[] v_scales, "
-      "Tensor(f!)[] steps, Tensor scalars, float lr, float beta1, float beta2, "
+      "Tensor(f!)[] steps, Tensor(g!)[] corrections, Tensor scalars, float lr, float beta1, "
+      "float beta2, "
       "float eps, float weight_decay, bool coupled, bool maximize, float grad_scale, "
       "bool stochastic, int seed, bool nesterov) -> ()");
 }
