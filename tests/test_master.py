@@ -949,3 +949,18 @@ def test_fused_run_while_the_kernel_builds_equals_a_warm_run(cpp_kernel):
         for a, b in zip(oc.param_groups[0]["params"], ow.param_groups[0]["params"]):
             for key, value in oc.state[a].items():
                 assert _bitwise_same(value, ow.state[b][key]), key
+
+
+def test_a_steps_random_streams_share_no_number():
+    """The streams one tensor's step draws from (m's codes, v's codes, and its parameter's:
+    stochastic rounding or the 24-bit master) never reuse a block's random offset: with the
+    master on a fourth stream 3, its block b hashed the same input as m's block b + 1, so the
+    master weight and the m codes of the next block were rounded with the same numbers."""
+    from adoptim.formats import blockwise8 as b8
+
+    blocks = 64
+    for seed in (0, 12345, 2**32 - 1):
+        offsets = [b8.block_offsets(seed, s, blocks).tolist()
+                   for s in (b8.STREAM_M, b8.STREAM_V, b8.STREAM_MASTER)]  # fmt: skip
+        seen = [x for stream in offsets for x in stream]
+        assert len(set(seen)) == len(seen), seed

@@ -80,9 +80,14 @@ M_LEVELS = 127  # int8 codes for m: [-127, 127]
 V_LEVELS = 255  # uint8 codes for sqrt(v): [0, 255]
 #: Tensors with fewer elements keep float32 state (as bitsandbytes and torchao do).
 DEFAULT_MIN_8BIT_SIZE = 4096
+# Block b of stream s hashes seed + (3 * b + s) * golden: three streams never share an input
+# (a fourth, 3, would be stream 0's next block: a tensor's master dither would then equal its
+# m codes' dither one block further on).
 STREAM_M, STREAM_V, STREAM_PARAM = 0, 1, 2
-#: the stream that rounds 24-bit master weights (:mod:`adoptim.formats.master`)
-STREAM_MASTER = 3
+#: the stream that rounds 24-bit master weights (:mod:`adoptim.formats.master`): the
+#: parameter's own, which nothing else uses for such a tensor (stochastic rounding of the
+#: parameter and a master-weight correction exclude each other)
+STREAM_MASTER = STREAM_PARAM
 
 _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 #: frac(j * phi) for j in a block, computed in float64 and rounded once (the kernel does the same)

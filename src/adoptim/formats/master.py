@@ -41,7 +41,7 @@ integer in ``[-2**(s-1), 2**(s-1))``:
   0.065 against 0.0076; ``scripts/master_weights.py``, ``docs/memory.md``). The random numbers are counter-based, not drawn from a
   generator: the dither of :mod:`adoptim.formats.blockwise8` with the tensor's seed for the
   step (:mod:`adoptim.rng`: a hash of the user's seed, the tensor's state_dict index and its
-  call count) on its own stream (``STREAM_MASTER``), so a run is reproducible and a resumed run continues
+  call count) on the parameter's stream (``STREAM_MASTER``; stochastic rounding of the parameter, its other user, is refused with a correction), so a run is reproducible and a resumed run continues
   identically. Loading float32 weights (``set_fp32_model_state_dict``) rounds to nearest even.
   With updates far below a step the master still moves only on average (noisily), as plain
   bf16 with stochastic rounding does at a 2**-8 step: the numerics check

@@ -64,7 +64,8 @@ namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr uint32_t kStreamM = 0, kStreamV = 1, kStreamParam = 2;
-constexpr uint32_t kStreamMaster = 3;  // formats/blockwise8.STREAM_MASTER
+// formats/blockwise8.STREAM_MASTER: the parameter's stream (3 would be kStreamM's next block)
+constexpr uint32_t kStreamMaster = kStreamParam;
 
 inline uint32_t hash32(uint32_t x) {  // lowbias32 (C. Wellons)
   x ^= x >> 16;
