@@ -15,6 +15,7 @@ low-precision parameters) is loaded and stored around the unfused paths by
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -138,14 +139,16 @@ def adopt(
     # Under torch.compile the kernels have no tracing rules: the for-loop path runs, which
     # Inductor fuses into one loop per tensor (and nothing of the kernels' caches is traced).
     left = list(range(n))
-    if (triton or cpu_kernel) and not is_compiling() and len(corrected) < n:
-        # tensors with a master-weight correction skip the kernels (which lack it)
-        plain = [i for i in range(n) if corrections[i] is None]
+    if (triton or cpu_kernel) and not is_compiling() and (triton or len(corrected) < n):
+        # tensors with a master-weight correction skip the C++ kernel (which lacks it); the
+        # Triton kernel takes them (and leaves those it cannot: float16)
+        plain = [i for i in range(n) if triton or corrections[i] is None]
         sub = tuple([seq[i] for i in plain] for seq in lists)
         kernel_left = _run_kernel(triton, sub, [scales[i] for i in plain], found_inf=found_inf,
                                   strict=fused is True, keys=[keys[i] for i in plain],
+                                  corrections=[corrections[i] for i in plain],
                                   **kwargs)  # fmt: skip
-        left = sorted(corrected + [plain[k] for k in kernel_left])
+        left = sorted(([] if triton else corrected) + [plain[k] for k in kernel_left])
         if not left or (found_inf is not None and found_inf.item() != 0):
             return
         foreach = _default_foreach([params[i] for i in left], differentiable)
@@ -164,7 +167,7 @@ def adopt(
 
 
 def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: list[int],
-                **kwargs) -> list[int]:  # fmt: skip
+                corrections: list[Tensor | None], **kwargs) -> list[int]:  # fmt: skip
     """Step what the Triton (``triton``) or C++ kernel takes; return the indices it left."""
     params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
     float_idx = [i for i, s in enumerate(scales) if s is None]
@@ -175,7 +178,8 @@ def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: l
         sub_keys = [keys[i] for i in float_idx]
         if triton:
             rest = _triton_kernel.triton_adopt(*sub, strict=strict, found_inf=found_inf,
-                                               keys=sub_keys, **kwargs)  # fmt: skip
+                                               keys=sub_keys, **kwargs,
+                                               corrections=[corrections[i] for i in float_idx])  # fmt: skip
         else:
             rest = _cpu_kernel.fused_adopt(*sub, strict=strict, keys=sub_keys, **kwargs)
         left += [float_idx[k] for k in rest]
@@ -194,7 +198,7 @@ def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: l
         if triton:
             from adoptim.kernels.triton import launch8
 
-            launch_8bit = launch8.triton_adopt_8bit
+            launch_8bit = functools.partial(launch8.triton_adopt_8bit, corrections=corrections)
         else:
             launch_8bit = _cpu_kernel.fused_adopt_8bit
         left += launch_8bit(eight_idx, p8, g8, m_codes, m_scales, v_codes, v_scales,
