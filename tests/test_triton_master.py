@@ -11,7 +11,12 @@ parameters, corrections, float moments or 8-bit codes and scales (``torch.equal`
    every bf16 pattern (every exponent: zero, denormals, powers of two, the largest finite
    value, inf, NaN), with the low bits and corrections that decide the rounding.
 2. Whole steps through :func:`adoptim.functional.adopt`, the kernel against the for-loop path,
-   over a few steps, float and 8-bit moments, 24 and 32 bits, with special values.
+   over a few steps, float and 8-bit moments, 24 and 32 bits, with special values; and
+   through the optimizer, with tensors the kernel takes and leaves side by side.
+
+Without a GPU these run under the interpreter on CPU tensors (``ADOPTIM_FUSED_BACKEND=triton``);
+on a CUDA machine without ``TRITON_INTERPRET`` the same tests run the compiled kernels on the
+GPU (``fused=True``), against the for-loop path there (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from unittest import mock
 import pytest
 
 # first: triton_setup sets TRITON_INTERPRET before anything imports triton
-from triton_setup import interpreter_only
+from triton_setup import INTERPRETED
 
 # isort: split
 import torch
 import triton
 import triton.language as tl
 
+import adoptim.paths.foreach as foreach_module
 import adoptim.paths.forloop as forloop_module
+from adoptim import ADOPT
 from adoptim.formats import blockwise8
 from adoptim.formats import master as M
 from adoptim.functional import adopt
@@ -37,8 +44,7 @@ from adoptim.kernels.triton import jit as _jit
 from adoptim.kernels.triton import launch as _launch
 from adoptim.kernels.triton import launch8 as _launch8
 
-pytestmark = interpreter_only
-
+DEVICE = "cpu" if INTERPRETED else "cuda"  # (triton_setup: interpreted when there is no GPU)
 # 300 elements: two programs of up to 4 blocks (the last one masked); fewer interpreted calls
 # than the other Triton tests' shapes, for speed
 SMALL = _launch.LaunchConfig(block=64, chunk=256, num_warps=1, schedule_block=4)
@@ -67,13 +73,14 @@ def _kernel_split_join(x, u, p_in, c_in, bits):
     """The kernel helpers on flat tensors: (split param, split correction, joined master)."""
     n = x.numel()
     s = bits - 16
-    p = torch.empty(n, dtype=torch.int16)  # (the bf16 bits; uint16 values stored as int16)
-    c = torch.empty(n, dtype=M.correction_dtype(bits))
-    j = torch.empty(n, dtype=torch.float32)
-    block = 1 << 16
+    x, u, p_in, c_in = (t.to(DEVICE) for t in (x, u, p_in, c_in))
+    p = torch.empty(n, dtype=torch.int16, device=DEVICE)  # (bf16 bits: uint16 stored as int16)
+    c = torch.empty(n, dtype=M.correction_dtype(bits), device=DEVICE)
+    j = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    block = 1 << 16 if INTERPRETED else 1024
     _split_join_kernel[(-(-n // block),)](x, u, p, c, p_in.view(torch.int16), c_in, j, n, S=s,
                                          BLOCK=block)  # fmt: skip
-    return p.view(torch.bfloat16), c, j
+    return p.view(torch.bfloat16).cpu(), c.cpu(), j.cpu()
 
 
 # low 16 bits of a float32 that decide its rounding (24 bits: the low 8 and the carry into
@@ -172,7 +179,7 @@ def _state(shapes, bits, state, gen):
     """params, corrections, float moments or 8-bit (codes, scales), step counts."""
     params = [_special_params(s, gen) for s in shapes]
     corrections = [_special_corrections(p, bits, gen) for p in params]
-    steps = [torch.tensor(float(t)) for t in (0, 4)[: len(shapes)]]
+    steps = [torch.tensor(float(t)) for t in (0, 4, 9)[: len(shapes)]]
     if state == "8bit":
         m8, sm, v8, sv = [], [], [], []
         for p in params:
@@ -187,13 +194,24 @@ def _state(shapes, bits, state, gen):
             sm.append(st["exp_avg_scale"])
             v8.append(st["exp_avg_sq"])
             sv.append(st["exp_avg_sq_scale"])
-        return dict(params=params, corrections=corrections, exp_avgs=m8, exp_avg_sqs=v8,
-                    scales=(sm, sv), steps=steps)  # fmt: skip
-    dtype = torch.float32 if state == "float32" else torch.bfloat16
-    m = [(torch.randn(p.shape, generator=gen) * 0.1).to(dtype) for p in params]
-    v = [(torch.rand(p.shape, generator=gen) * 0.01).to(dtype) for p in params]
-    return dict(params=params, corrections=corrections, exp_avgs=m, exp_avg_sqs=v, scales=None,
-                steps=steps)  # fmt: skip
+        st = dict(params=params, corrections=corrections, exp_avgs=m8, exp_avg_sqs=v8,
+                  scales=(sm, sv), steps=steps)  # fmt: skip
+    else:
+        dtype = torch.float32 if state == "float32" else torch.bfloat16
+        m = [(torch.randn(p.shape, generator=gen) * 0.1).to(dtype) for p in params]
+        v = [(torch.rand(p.shape, generator=gen) * 0.01).to(dtype) for p in params]
+        st = dict(params=params, corrections=corrections, exp_avgs=m, exp_avg_sqs=v,
+                  scales=None, steps=steps)  # fmt: skip
+    # (step counts stay on the host, as the optimizer keeps them for these formats)
+    return {key: _to(value, "steps" != key) for key, value in st.items()}
+
+
+def _to(value, move):
+    if value is None or not move:
+        return value
+    if isinstance(value, tuple):
+        return tuple([t.to(DEVICE) for t in seq] for seq in value)
+    return [t.to(DEVICE) for t in value]
 
 
 def _clone(st):
@@ -222,14 +240,15 @@ def _step(st, grads, *, triton_path, **kw):
             mock.patch.object(_launch, "CONFIG", SMALL),
             mock.patch.object(_launch8, "CONFIG", SMALL8),
             mock.patch.object(forloop_module, "single_tensor_adopt", _refuse),
+            mock.patch.object(foreach_module, "multi_tensor_adopt", _refuse),
         ):
-            adopt(*args, **extra, **options)
+            adopt(*args, **extra, fused=None if INTERPRETED else True, **options)
     else:
         adopt(*args, fused=False, foreach=False, **extra, **options)
 
 
 def _refuse(*args, **kwargs):
-    raise AssertionError("the for-loop path ran where the Triton kernel should have")
+    raise AssertionError("an unfused path ran where the Triton kernel should have")
 
 
 def _assert_equal(a, b):
@@ -254,7 +273,8 @@ def _run_and_compare(bits, state, steps=3, shapes=None, **kw):
     ref = _state(shapes, bits, state, gen)
     got = _clone(ref)
     for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in ref["params"]]
+        grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+                 for p in ref["params"]]  # fmt: skip
         grads[0].view(-1)[20:24] = 0.0
         _step(ref, grads, triton_path=False, **kw)
         _step(got, [g.clone() for g in grads], triton_path=True, **kw)
@@ -296,3 +316,72 @@ def test_float16_corrections_are_left_to_the_unfused_path():
         weight_decay=0.0, decouple=False, maximize=False, corrections=[c],
     )  # fmt: skip
     assert left8 == [0]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the optimizer reaches the kernel with fused unset "
+                    "only on CPU tensors under ADOPTIM_FUSED_BACKEND=triton")  # fmt: skip
+def test_optimizer_mixes_tensors_the_kernel_takes_and_leaves():
+    """Through ADOPT (seed, keys from the state_dict numbering): a corrected bf16 tensor with
+    8-bit moments and a float32 one take the kernels, a corrected float16 one is left to the
+    for-loop path; after two steps everything equals a for-loop optimizer's, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(300, generator=gen).to(torch.bfloat16), torch.randn(30, generator=gen),
+            torch.randn(40, generator=gen).to(torch.float16),
+            torch.randn(6, 5, generator=gen).to(torch.bfloat16)]  # fmt: skip
+    grads = [[torch.randn(x.shape, generator=gen).to(x.dtype) for x in init] for _ in range(2)]
+    kw = dict(lr=1e-2, master_weight_bits=24, state_dtype="8bit", min_8bit_size=256, seed=7)
+
+    def run(triton_path):
+        params = [x.clone().requires_grad_() for x in init]
+        opt = ADOPT(params, foreach=None if triton_path else False, **kw)
+        unfused = []
+        real = forloop_module.single_tensor_adopt
+
+        def counting(params, *args, **kwargs):
+            unfused.extend(p.numel() for p in params)
+            return real(params, *args, **kwargs)
+
+        with (
+            mock.patch.dict(os.environ, {_launch.BACKEND_ENV: "triton"} if triton_path else {}),
+            mock.patch.object(_launch, "CONFIG", SMALL),
+            mock.patch.object(_launch8, "CONFIG", SMALL8),
+            mock.patch.object(forloop_module, "single_tensor_adopt", counting),
+        ):
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = g.clone()
+                opt.step()
+        return params, opt, unfused
+
+    ref_params, ref_opt, _ = run(False)
+    params, opt, unfused = run(True)
+    assert sorted(set(unfused)) == [40]  # only the float16 tensor ran unfused
+    for x, y in zip(ref_params, params):
+        assert torch.equal(x.detach().view(torch.uint8), y.detach().view(torch.uint8))
+        sa, sb = ref_opt.state[x], opt.state[y]
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert "master_correction" in opt.state[params[0]] and "exp_avg_scale" in opt.state[params[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Bigger sweeps (-m slow): more steps, the options, bf16 moments
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "8bit"])
+@pytest.mark.parametrize("bits", [24, 32])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(weight_decay=0.1, maximize=True), dict(weight_decay=0.1, decouple=True, nesterov=True),
+     dict(grad_scale=torch.tensor(4.0), clip_exp=None), dict(caution=True)],  # fmt: skip
+    ids=["coupled-maximize", "decoupled-nesterov", "gradscale-noclip", "caution"],
+)
+def test_sweep_kernel_equals_forloop(bits, state, kw):
+    if state == "8bit" and kw.get("caution"):
+        pytest.skip("caution with 8-bit state runs the for-loop path by design")
+    if "grad_scale" in kw:
+        kw = dict(kw, grad_scale=kw["grad_scale"].to(DEVICE))
+    shapes = ((1100, 3), (5, 7), (1,)) if state == "8bit" else ((700,), (5, 7), (1,))
+    _run_and_compare(bits, state, steps=5, shapes=shapes, **kw)

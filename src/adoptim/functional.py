@@ -91,7 +91,8 @@ def adopt(
     :mod:`adoptim.formats.blockwise8`) and take the same path as the others.
     Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
     :mod:`adoptim.formats.master`) are stepped on their float32 master weights, on the
-    unfused paths only (the kernels do not take the correction yet).
+    unfused paths and the Triton kernels (bfloat16 parameters; the C++ kernel does not take
+    the correction yet).
     ``seed`` and ``keys`` (one per tensor, the same after save/load and on every rank: the
     optimizer passes each parameter's index in its state_dict numbering; default 0, 1, ...)
     give the random numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).

@@ -174,8 +174,9 @@ class ADOPT(Optimizer):
             parameters ignore it. Format and measurements: :mod:`adoptim.formats.master`,
             ``docs/memory.md``; float32 weights out and in:
             :meth:`get_fp32_model_state_dict`, :meth:`set_fp32_model_state_dict`. Works
-            with every ``state_dtype``; not with ``fused=True`` (the kernels do not take the
-            correction yet: such tensors run the for-loop path, foreach on CUDA),
+            with every ``state_dtype``; not with ``fused=True`` (the C++ kernel does not take
+            the correction yet: such tensors run the for-loop path, foreach on CUDA; the
+            Triton kernel takes bf16 ones),
             ``stochastic_rounding``, ``capturable``, ``differentiable`` or DTensor
             parameters. A numerics check warns once (an
             :class:`~adoptim.formats.master.UpdateStallWarning`) when most updates of a

@@ -22,6 +22,14 @@ The update is written once, :func:`_adopt_element`, for both state formats (floa
 :func:`adopt_kernel`; 8-bit codes: :func:`adopt_8bit_kernel`), with the reference's
 operations in its order, each rounded once, as the CPU kernel (``csrc/fused_adopt.cpp``)
 does: see the comments there. The kernels are compiled with ``enable_fp_fusion=False``.
+
+Master-weight corrections (``master_weight_bits``, bfloat16 parameters): with the constexpr
+``MASTER`` (the correction's bits, 8 or 16) both kernels read the parameter as its bf16 bits
+and its correction, join them into the float32 master weight in registers
+(:func:`_master_join`), run the same update on it, and split the result back
+(:func:`_master_split`: 24-bit masters rounded with the dither of ``STREAM_MASTER`` from the
+tensor's step seed, as :func:`adoptim.formats.master.store` rounds them): one pass, 2 + 1 (or
+2) bytes of parameter read and written per element.
 """
 
 from __future__ import annotations

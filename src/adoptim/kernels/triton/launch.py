@@ -19,7 +19,9 @@ then read on the host, once per step, as on the other paths.
 Tables are cached per layout (the tensors' addresses), so a steady training loop copies
 nothing to the device per step. Tensors with 8-bit state (``state_dtype="8bit"``) take their
 own kernel, launched by :mod:`adoptim.kernels.triton.launch8` under the same rule (:func:`selected`);
-its variants are compiled ahead of time with these (:func:`variants`).
+its variants are compiled ahead of time with these (:func:`variants`). Tensors with a
+master-weight correction (``corrections``) take both kernels in their own buckets (the
+``MASTER`` constexpr), bfloat16 parameters only: float16 ones are left to the unfused path.
 
 On CPU tensors this path runs only when asked for, with ``ADOPTIM_FUSED_BACKEND=triton``, and
 under Triton's interpreter (``TRITON_INTERPRET=1``): it is how the kernel's maths is tested on
