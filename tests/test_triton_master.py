@@ -296,26 +296,34 @@ def test_bf16_moments_and_options_equal_forloop():
                      caution=True)  # fmt: skip
 
 
-def test_float16_corrections_are_left_to_the_unfused_path():
+def test_corrections_the_kernels_cannot_walk_are_left_to_the_unfused_path():
+    """float16 parameters (their correction is a fraction of an fp16 ulp, not float32 bits)
+    and a non-contiguous correction: both launchers return them untouched."""
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(40, generator=gen).to(torch.float16)
+    half = torch.randn(40, generator=gen).to(torch.float16)
+    bf16 = torch.randn(40, generator=gen).to(torch.bfloat16)
     c = torch.randint(-128, 128, (40,), generator=gen).to(torch.int8)
-    m, v = torch.zeros(40), torch.zeros(40)
-    with mock.patch.object(_launch, "CONFIG", SMALL):
-        left = _launch.triton_adopt(
-            [p], [p.clone()], [m], [v], [torch.tensor(0.0)], strict=True, lr=1e-3, beta1=0.9,
-            beta2=0.999, eps=1e-6, clip_exp=0.25, weight_decay=0.0, decouple=False,
-            maximize=False, corrections=[c],
+    strided = torch.zeros(80, dtype=torch.int8)[::2]
+    for p, corr in ((half, c), (bf16, strided)):
+        before = p.clone()
+        m, v = torch.zeros(40), torch.zeros(40)
+        with mock.patch.object(_launch, "CONFIG", SMALL):
+            left = _launch.triton_adopt(
+                [p], [p.clone()], [m], [v], [torch.tensor(0.0)], strict=True, lr=1e-3,
+                beta1=0.9, beta2=0.999, eps=1e-6, clip_exp=0.25, weight_decay=0.0,
+                decouple=False, maximize=False, corrections=[corr],
+            )  # fmt: skip
+        assert left == [0]
+        st = blockwise8.new_state(p)
+        left8 = _launch8.triton_adopt_8bit(
+            [0], [p], [p.clone()], [st["exp_avg"]], [st["exp_avg_scale"]], [st["exp_avg_sq"]],
+            [st["exp_avg_sq_scale"]], [torch.tensor(0.0)], strict=True, grad_scale=None,
+            stochastic_rounding=False, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6,
+            clip_exp=0.25, weight_decay=0.0, decouple=False, maximize=False,
+            corrections=[corr],
         )  # fmt: skip
-    assert left == [0]
-    st = blockwise8.new_state(p)
-    left8 = _launch8.triton_adopt_8bit(
-        [0], [p], [p.clone()], [st["exp_avg"]], [st["exp_avg_scale"]], [st["exp_avg_sq"]],
-        [st["exp_avg_sq_scale"]], [torch.tensor(0.0)], strict=True, grad_scale=None,
-        stochastic_rounding=False, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, clip_exp=0.25,
-        weight_decay=0.0, decouple=False, maximize=False, corrections=[c],
-    )  # fmt: skip
-    assert left8 == [0]
+        assert left8 == [0]
+        assert torch.equal(p, before)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the optimizer reaches the kernel with fused unset "

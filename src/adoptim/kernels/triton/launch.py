@@ -296,6 +296,7 @@ def _master_walkable(p: Tensor, g: Tensor, m: Tensor, v: Tensor, corr: Tensor) -
     its correction, all contiguous, alike and on one device."""
     return (
         type(p) in _PLAIN
+        and type(corr) in _PLAIN
         and p.dtype == torch.bfloat16
         and g.dtype == p.dtype
         and m.dtype in (torch.float32, torch.bfloat16)

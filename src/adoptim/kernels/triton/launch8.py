@@ -195,7 +195,8 @@ def triton_adopt_8bit(
             continue
         corr = corrections[i] if corrections is not None else None
         if corr is not None and not (
-            p.dtype == torch.bfloat16  # (float16: its correction is not float32 bits)
+            type(corr) in (Tensor, torch.nn.Parameter)  # (not a DTensor's: the unfused path)
+            and p.dtype == torch.bfloat16  # (float16: its correction is not float32 bits)
             and corr.dtype in (torch.int8, torch.int16)
             and corr.shape == params[i].shape
             and corr.is_contiguous()
