@@ -10,7 +10,8 @@
 #   2. tests       the full test suite on this machine (the CUDA-only tests that skip without a
 #                  GPU run here: CUDA graphs, capturable, CUDA checkpoints, tests/test_triton.py's
 #                  CUDA tests: Triton vs for-loop vs foreach parity, graph capture, no sync)
-#   3. triton      tests/test_triton.py and tests/test_triton_lowbit.py (the 8-bit kernel)
+#   3. triton      tests/test_triton.py, tests/test_triton_lowbit.py (the 8-bit kernel) and
+#                  tests/test_triton_master.py (master-weight corrections)
 #                  alone, verbose (the parity tests by name)
 #   4. bench       adoptim bench --device cuda against torch.optim.Adam(fused=True), foreach
 #                  ADOPT and the peers installed, suites a (20 x 1M), b (GPT-2 small), c;
@@ -55,7 +56,7 @@ if [ "$QUICK" = 0 ]; then
     stage tests "$PY" -m pytest -q -x -p no:cacheprovider -rs
 fi
 stage triton "$PY" -m pytest -v -p no:cacheprovider -rs tests/test_triton.py \
-    tests/test_triton_lowbit.py
+    tests/test_triton_lowbit.py tests/test_triton_master.py
 
 stage bench "$PY" -m adoptim.tools.cli bench --device cuda --suites a,b,c --rounds 3 --repeats 20 \
     --warmup 5 --no-progress --out "$OUT/bench" \

@@ -600,8 +600,8 @@ def test_options_are_validated_naming_the_argument():
     p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
     with pytest.raises(ValueError, match="master_weight_bits"):
         ADOPT([p], master_weight_bits=16)
-    # fused=True: the C++ kernel takes the correction on CPU (the Triton kernel on CUDA does
-    # not yet, which check_groups refuses: test_master_fused_refused_on_cuda)
+    # fused=True: the C++ kernel takes the correction on CPU, the Triton kernels on CUDA
+    # (test_master_fused_accepted_on_every_device)
     ADOPT([p], master_weight_bits=24, fused=True)
     with pytest.raises(ValueError, match="stochastic_rounding=True cannot be used"):
         ADOPTW([p], master_weight_bits=24, stochastic_rounding=True)
@@ -726,16 +726,13 @@ def test_found_inf_leaves_parameters_and_corrections_unchanged():
     assert step.item() == 4.0 and not torch.equal(corr, before[1])
 
 
-def test_master_fused_refused_on_cuda():
-    """fused=True with a correction is refused where the kernel cannot take it (the Triton
-    kernel, for parameters off the CPU), with a message that names both options; on CPU it
-    is accepted (the C++ kernel takes it)."""
-    off_cpu = torch.empty(10, dtype=torch.bfloat16, device="meta")
-    with pytest.raises(ValueError, match="fused=True cannot be used with master_weight_bits.*meta"):
-        M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=True)
-    on_cpu = torch.empty(10, dtype=torch.bfloat16)
-    M.check_groups([{"params": [on_cpu], "master_weight_bits": 24}], fused=True)
-    M.check_groups([{"params": [off_cpu], "master_weight_bits": 24}], fused=None)
+def test_master_fused_accepted_on_every_device():
+    """fused=True with a correction is accepted on CPU (the C++ kernel) and off it (the
+    Triton kernels take it since they join and split in registers; it was refused before)."""
+    for device in ("cpu", "meta"):
+        p = torch.empty(10, dtype=torch.bfloat16, device=device)
+        M.check_groups([{"params": [p], "master_weight_bits": 24}], fused=True)
+        M.check_groups([{"params": [p], "master_weight_bits": 32, "fused": True}], fused=None)
 
 
 # --------------------------------------------------------------------------------------------

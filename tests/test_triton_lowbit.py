@@ -488,7 +488,7 @@ def test_every_8bit_variant_compiles_ahead_of_time_with_128_bit_accesses():
         pytest.fail(f"the compile process failed:\n{proc.stderr[-3000:]}")
     records = json.loads(proc.stdout.strip().splitlines()[-1])
     n = len([v for v in _aot.variants() if v.kind == "update8"])
-    assert n == 7 and len(records) == 2 * n
+    assert n == 8 and len(records) == 2 * n
     failed = [r for r in records if not r["ok"]]
     assert not failed, failed
     for r in records:

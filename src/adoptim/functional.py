@@ -90,8 +90,8 @@ def adopt(
     :mod:`adoptim.formats.blockwise8`) and take the same path as the others.
     Tensors with a correction in ``master_corrections`` (``master_weight_bits``,
     :mod:`adoptim.formats.master`) are stepped on their float32 master weights: by the C++
-    kernel (bfloat16 parameters), otherwise on the unfused paths (the Triton kernel does not
-    take the correction yet; float16 parameters with a correction).
+    and Triton kernels for bfloat16 parameters (the kernels join and split the master weight
+    in registers), on the unfused paths for float16 ones.
     ``seed`` and ``keys`` (one per tensor, the same after save/load and on every rank: the
     optimizer passes each parameter's index in its state_dict numbering; default 0, 1, ...)
     give the random numbers of stochastic rounding and of the 8-bit codes (:mod:`adoptim.rng`).
@@ -168,7 +168,7 @@ def adopt(
 
 #: the kernels whose launchers take ``corrections=`` (master-weight corrections, aligned with
 #: the parameters, None where absent); the others never see a corrected tensor
-_KERNELS_TAKING_CORRECTIONS = ("cpp",)
+_KERNELS_TAKING_CORRECTIONS = ("cpp", "triton")
 
 
 def _run_kernel(triton: bool, lists, scales, *, found_inf, strict: bool, keys: list[int],

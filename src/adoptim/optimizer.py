@@ -179,8 +179,8 @@ class ADOPT(Optimizer):
             float16 ones with a correction run the for-loop path) and with FSDP2 (bf16
             DTensor parameters, e.g. ``model.to(torch.bfloat16)`` before ``fully_shard``:
             each rank corrects its local shard, the correction a DTensor sharded like it).
-            Not with ``fused=True`` on CUDA (the Triton kernel does not take the correction
-            yet: such tensors run the foreach path when fused is unset),
+            On CUDA/ROCm ``fused=True`` runs the Triton kernel, which does the same for
+            bfloat16 parameters (verified under Triton's interpreter). Not with
             ``stochastic_rounding``, ``capturable`` or ``differentiable``. A numerics check warns once (an
             :class:`~adoptim.formats.master.UpdateStallWarning`) when most updates of a
             bf16/fp16 tensor leave it unchanged.

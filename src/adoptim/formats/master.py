@@ -395,23 +395,13 @@ def store(param: Tensor, corr: Tensor, work: Tensor, seed: int) -> None:
 
 
 def check_groups(param_groups: list[dict[str, Any]], *, fused: bool | None) -> None:
-    """Refuse, at construction, what ``master_weight_bits`` does not support."""
+    """Refuse, at construction, what ``master_weight_bits`` does not support. (``fused`` is
+    accepted everywhere: the C++ and Triton kernels take bfloat16 parameters with a
+    correction and leave float16 ones to the unfused paths.)"""
     for group in param_groups:
         bits = group.get("master_weight_bits")
         if bits is None:
             continue
-        if fused or group.get("fused"):
-            # The C++ kernel (CPU) takes the correction; the Triton kernel does not yet.
-            # (float16 parameters with a correction, which the C++ kernel leaves, run the
-            # for-loop path as every tensor a kernel cannot walk does.)
-            for p in group["params"]:
-                if p.dtype in CORRECTABLE and p.device.type != "cpu":
-                    raise ValueError(
-                        "fused=True cannot be used with master_weight_bits for parameters on "
-                        f"{p.device}: the Triton kernel does not take the master-weight "
-                        "correction yet (the C++ kernel on CPU does); leave fused unset "
-                        "(tensors with a correction then run the foreach path)"
-                    )
         if group.get("stochastic_rounding"):
             raise ValueError(
                 "stochastic_rounding=True cannot be used with master_weight_bits: the "

@@ -431,13 +431,11 @@ def _cast_params(params: list[torch.Tensor], dtype: torch.dtype) -> list[torch.T
 def _unavailable(entry: Entry, device: torch.device) -> str | None:
     """Why ``entry`` cannot run on ``device``, or None (on CUDA, adopt-fused and
     adopt-8bit-fused are the Triton kernels)."""
-    if device.type == "cuda" and entry.name in ("adopt-fused", "adopt-8bit-fused"):
+    if device.type == "cuda" and entry.name in ("adopt-fused", "adopt-8bit-fused",
+                                                "adopt-bf16-ecc24-8bit-fused"):
         from adoptim.kernels.triton import launch as _triton_kernel
 
         return _triton_kernel.unsupported_reason([torch.empty(0, device=device)])
-    if device.type == "cuda" and entry.name == "adopt-bf16-ecc24-8bit-fused":
-        # (ADOPT refuses fused=True with master_weight_bits on CUDA)
-        return "the Triton kernel does not take the master-weight correction yet"
     return entry.available()
 
 

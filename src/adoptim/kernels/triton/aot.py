@@ -50,13 +50,20 @@ class Variant:
     options: bool = False  # coupled decay, maximize, GradScaler, tensor lr, nesterov, caution
     stochastic: bool = False
     clip: int = 1  # schedule kernel: 0 none, 1 power law, 2 given bounds
+    master: int = 0  # master_weight_bits (24 or 32; bf16 parameters), 0 for none
+
+    @property
+    def master_constexpr(self) -> int:
+        """The kernels' MASTER: the correction's bits (0, 8 or 16)."""
+        return self.master - 16 if self.master else 0
 
     @property
     def name(self) -> str:
         if self.kind == "schedule":
             return f"schedule(clip={('none', 'power', 'callable')[self.clip]})"
         pair = f"{_SIG_NAMES[self.p_dtype]}/{_SIG_NAMES[self.s_dtype]}"
-        flags = (("all options", self.options), ("stochastic", self.stochastic))
+        flags = (("all options", self.options), ("stochastic", self.stochastic),
+                 (f"master {self.master}", bool(self.master)))  # fmt: skip
         extras = [x for x, on in flags if on]
         kind = "update" if self.kind == "update8" else self.kind
         return f"{kind}({pair}{', ' + ', '.join(extras) if extras else ''})"
@@ -64,8 +71,9 @@ class Variant:
 
 def variants() -> list[Variant]:
     """Every variant worth compiling ahead of time: per dtype pair the plain update, the one
-    with every option on, caution's counting pass; stochastic rounding for bfloat16; the
-    schedule kernel per clip mode."""
+    with every option on, caution's counting pass; stochastic rounding and master-weight
+    corrections (24 and 32 bits; 8-bit state: 24) for bfloat16; the schedule kernel per clip
+    mode."""
     out = []
     for p_dtype, s_dtype in DTYPE_PAIRS:
         out.append(Variant("update", p_dtype, s_dtype))
@@ -73,12 +81,16 @@ def variants() -> list[Variant]:
         out.append(Variant("count", p_dtype, s_dtype, options=True))
         if p_dtype == torch.bfloat16:
             out.append(Variant("update", p_dtype, s_dtype, stochastic=True))
+            if s_dtype == torch.float32:  # master weights (the bf16 moments' kernel is alike)
+                out.append(Variant("update", p_dtype, s_dtype, master=24))
+                out.append(Variant("update", p_dtype, s_dtype, options=True, master=32))
     out.extend(Variant("schedule", clip=clip) for clip in (0, 1, 2))
     for p_dtype in EIGHT_BIT_DTYPES:  # the 8-bit kernel, the same choices
         out.append(Variant("update8", p_dtype, torch.uint8))
         out.append(Variant("update8", p_dtype, torch.uint8, options=True))
         if p_dtype == torch.bfloat16:
             out.append(Variant("update8", p_dtype, torch.uint8, stochastic=True))
+            out.append(Variant("update8", p_dtype, torch.uint8, master=24))
     return out
 
 
@@ -137,6 +149,7 @@ def aot_compile(variant: Variant, target, cfg: _launch.LaunchConfig | None = Non
             CAUTION=on or variant.kind == "count",
             COUNT_ONLY=variant.kind == "count",
             STOCHASTIC=variant.stochastic,
+            MASTER=variant.master_constexpr,
             BLOCK=cfg.block,
             CHUNK=cfg.chunk,
         )
@@ -200,9 +213,10 @@ def access_summary(asm: dict, variant: Variant, cfg: _launch.LaunchConfig | None
     widest = max(p_size, 4 if variant.kind == "update8" else s_size)
     loads, stores = _global_accesses(asm[isa], isa, widest)
     per_thread = block // (warp * warps)
-    want_loaded = per_thread * (2 * p_size + 2 * s_size)
+    c_size = {0: 0, 24: 1, 32: 2}[variant.master]  # the master-weight correction
+    want_loaded = per_thread * (2 * p_size + 2 * s_size + c_size)
     writes = variant.kind in ("update", "update8")
-    want_stored = per_thread * (p_size + 2 * s_size) if writes else 0
+    want_stored = per_thread * (p_size + 2 * s_size + c_size) if writes else 0
     vec_loads = [b for b, vector in loads if vector]
     vec_stores = [b for b, vector in stores if vector]
     return {
@@ -279,7 +293,7 @@ def _aot_compile_8bit(variant, target, cfg=None):
     }
     constexprs = _launch8._constexprs(
         tl, variant.p_dtype, aligned=True, coupled=on, maximize=on, has_scale=on, nesterov=on,
-        stochastic=variant.stochastic, rows=cfg.rows,
+        stochastic=variant.stochastic, rows=cfg.rows, master=variant.master_constexpr,
     )  # fmt: skip
     signature.update({name: "constexpr" for name in constexprs})
     num_warps = cfg.num_warps_amd if target.backend == "hip" else cfg.num_warps

@@ -22,6 +22,14 @@ The update is written once, :func:`_adopt_element`, for both state formats (floa
 :func:`adopt_kernel`; 8-bit codes: :func:`adopt_8bit_kernel`), with the reference's
 operations in its order, each rounded once, as the CPU kernel (``csrc/fused_adopt.cpp``)
 does: see the comments there. The kernels are compiled with ``enable_fp_fusion=False``.
+
+Master-weight corrections (``master_weight_bits``, bfloat16 parameters): with the constexpr
+``MASTER`` (the correction's bits, 8 or 16) both kernels read the parameter as its bf16 bits
+and its correction, join them into the float32 master weight in registers
+(:func:`_master_join`), run the same update on it, and split the result back
+(:func:`_master_split`: 24-bit masters rounded with the dither of ``STREAM_MASTER`` from the
+tensor's step seed, as :func:`adoptim.formats.master.store` rounds them): one pass, 2 + 1 (or
+2) bytes of parameter read and written per element.
 """
 
 from __future__ import annotations
@@ -140,27 +148,88 @@ def _weyl(j):
 
 
 # --------------------------------------------------------------------------------------------
+# Master-weight correction (formats/master.py, bfloat16): the parameter's bits and the
+# correction joined into a float32 master weight in registers, and split back, with the
+# integer arithmetic of master._bf16_join/_bf16_split on the float32 bit pattern. Done on
+# uint32 (wrapping, as torch's int32 does): what torch computes on sign-extended int32 is
+# the same pattern modulo 2**32, and the pieces taken from it (the low 16 bits of the
+# parameter, the low S bits of the correction) are the same.
+
+
+@triton.jit
+def _master_join(pbits, c, S: tl.constexpr):
+    """master._bf16_join: ``pbits`` the bf16 patterns (uint16), ``c`` the corrections
+    (int8 for S = 8, int16 for S = 16) -> the float32 master weights."""
+    p = pbits.to(tl.uint32)
+    ci = c.to(tl.int32)
+    mag = p & tl.full((), 0x7FFF, tl.uint32)
+    # never made by split (a zero with c < 0 would wrap into a NaN pattern, an infinity with
+    # c > 0 into a NaN): read as c = 0
+    zero_c = ((mag == 0) & (ci < 0)) | ((mag == tl.full((), 0x7F80, tl.uint32)) & (ci > 0))
+    ci = tl.where(zero_c, tl.full((), 0, tl.int32), ci)
+    bits = (p << 16) + (ci.to(tl.uint32, bitcast=True) << (16 - S))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _master_split(x, up, S: tl.constexpr):
+    """master._bf16_split: the float32 ``x`` -> (bf16 patterns as uint16, corrections). With
+    S = 8 (24 bits) the master is rounded up with probability (dropped bits) / 2**8, from the
+    dither ``up`` (uniform in [0, 1), master.step_dither's numbers); S = 16 keeps ``x``."""
+    bits = x.to(tl.uint32, bitcast=True)
+    q = bits
+    if S == 8:
+        q = (bits + (up * 256.0).to(tl.uint32)) >> 8  # the top 24 bits, rounded
+        # next to the largest finite value a round-up could reach inf: truncate those
+        exp_mask = tl.full((), 0x7F800000, tl.uint32)
+        over = ((q & tl.full((), 0x7FFFFF, tl.uint32)) == tl.full((), 0x7F8000, tl.uint32)) & (
+            (bits & exp_mask) != exp_mask)
+        q = tl.where(over, bits >> 8, q)
+    low = q & tl.full((), (1 << S) - 1, tl.uint32)
+    half = low >> (S - 1)  # 1 where the low S bits read as signed are negative
+    # the low S bits as a signed integer; the parameter rounds up (in magnitude) where < 0
+    c = low.to(tl.int32) - (half.to(tl.int32) << S)
+    pbits = ((q >> S) + half) & tl.full((), 0xFFFF, tl.uint32)
+    nan = x != x  # (NaN patterns may have wrapped above): the quiet NaN, correction 0
+    pbits = tl.where(nan, tl.full((), 0x7FC0, tl.uint32), pbits)
+    c = tl.where(nan, tl.full((), 0, tl.int32), c)
+    if S == 8:
+        return pbits.to(tl.uint16), c.to(tl.int8)
+    else:
+        return pbits.to(tl.uint16), c.to(tl.int16)
+
+
+# --------------------------------------------------------------------------------------------
 # Format 1: float moments (state dtype S_DTYPE), walked in 1-D chunks
 
 
 @triton.jit
-def _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, g_scale, wd, decay, bound, eps,
-                 beta1, w1, beta2, sq_weight, lr, kept, seed,
+def _float_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, mask, g_scale, wd, decay, bound,
+                 eps, beta1, w1, beta2, sq_weight, lr, kept, seed,
                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
                  HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
                  NESTEROV: tl.constexpr, CAUTION: tl.constexpr, COUNT_ONLY: tl.constexpr,
-                 STOCHASTIC: tl.constexpr):
+                 STOCHASTIC: tl.constexpr, MASTER: tl.constexpr):
     """One block of a float-state tensor: load, update, store (or with COUNT_ONLY, return how
     many coordinates have u * g > 0). ``mask`` is None for full blocks (unmasked, so aligned
-    loads are 128-bit); lanes past the end of the tensor read as 0 and write nothing."""
+    loads are 128-bit); lanes past the end of the tensor read as 0 and write nothing. With
+    MASTER (8 or 16: the correction's bits), ``p_ptr`` points at the bf16 parameter's bits
+    (uint16) and ``c_ptr`` at its correction: theta is their float32 master weight."""
     if mask is None:
         g = tl.load(g_ptr + offs).to(C_DTYPE)
-        theta = tl.load(p_ptr + offs).to(C_DTYPE)
+        if MASTER:
+            theta = _master_join(tl.load(p_ptr + offs), tl.load(c_ptr + offs), MASTER)
+        else:
+            theta = tl.load(p_ptr + offs).to(C_DTYPE)
         m = tl.load(m_ptr + offs).to(C_DTYPE)
         v = tl.load(v_ptr + offs).to(C_DTYPE)
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
-        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
+        if MASTER:
+            theta = _master_join(tl.load(p_ptr + offs, mask=mask, other=0),
+                                 tl.load(c_ptr + offs, mask=mask, other=0), MASTER)
+        else:
+            theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DTYPE)
     g, theta, m, v, u = _adopt_element(g, theta, m, v, g_scale, wd, decay, bound, eps, beta1,
@@ -180,13 +249,21 @@ def _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, g_scale, wd, decay, bou
         # (tl.full, not tl.zeros_like: a triton.language @jit helper, which the
         # interpreter cannot run once Inductor has imported triton in the process)
         up = tl.full(theta.shape, 0.0, tl.float32)
-        if STOCHASTIC:  # stream 2's dither: frac(block_offsets(seed, j // 256) + weyl[j % 256])
-            up = _block_offsets(seed, (offs // 256).to(tl.uint32), tl.full((), 2, tl.uint32))
+        if STOCHASTIC or MASTER == 8:
+            # the dither of stream 2, the parameter's (stochastic rounding or 24-bit master
+            # weights, which exclude each other): frac(block_offsets(seed, j // 256, 2) + weyl[j % 256])
+            stream = tl.full((), 2, tl.uint32)
+            up = _block_offsets(seed, (offs // 256).to(tl.uint32), stream)
             up = up + _weyl(offs % 256)
             up = tl.where(up >= 1.0, up - 1.0, up)
         tl.store(m_ptr + offs, _round_to(m, up, S_DTYPE, False), mask=mask)
         tl.store(v_ptr + offs, _round_to(v, up, S_DTYPE, False), mask=mask)
-        tl.store(p_ptr + offs, _round_to(theta, up, P_DTYPE, STOCHASTIC), mask=mask)
+        if MASTER:
+            pbits, corr = _master_split(theta, up, MASTER)
+            tl.store(p_ptr + offs, pbits, mask=mask)
+            tl.store(c_ptr + offs, corr, mask=mask)
+        else:
+            tl.store(p_ptr + offs, _round_to(theta, up, P_DTYPE, STOCHASTIC), mask=mask)
     return kept_here
 
 
@@ -197,7 +274,8 @@ def _add(a, b):
 
 @triton.jit(do_not_specialize=["n_tensors"])
 def adopt_kernel(
-    table_ptr,  # int64: p, g, m, v data_ptrs, numel, tensor seed (n_tensors each), work items
+    table_ptr,  # int64: p, g, m, v data_ptrs, numel, tensor seed, correction data_ptr
+    #             (n_tensors each), then the work items (tensor << 32 | chunk)
     n_tensors,
     scalars_ptr,  # float64 (n_tensors, N_COLUMNS): bound, sq_weight, started, s
     counts_ptr,  # int32 (n_tensors,): caution's count of u * g > 0
@@ -223,11 +301,12 @@ def adopt_kernel(
     CAUTION: tl.constexpr,
     COUNT_ONLY: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    MASTER: tl.constexpr,  # 0, or the correction's bits (8: 24-bit, 16: 32-bit master weights)
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    item = tl.load(table_ptr + 6 * n_tensors + pid)
+    item = tl.load(table_ptr + 7 * n_tensors + pid)
     tid = item >> 32
     start = (item & 0xFFFFFFFF) * CHUNK
     numel = tl.load(table_ptr + 4 * n_tensors + tid)
@@ -235,11 +314,19 @@ def adopt_kernel(
     g_ptr = tl.load(table_ptr + n_tensors + tid).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(table_ptr + 2 * n_tensors + tid).to(tl.pointer_type(S_DTYPE))
     v_ptr = tl.load(table_ptr + 3 * n_tensors + tid).to(tl.pointer_type(S_DTYPE))
+    c_ptr = p_ptr
+    if MASTER:  # the bf16 parameter as its bits, and the correction
+        p_ptr = tl.load(table_ptr + tid).to(tl.pointer_type(tl.uint16))
+        if MASTER == 8:
+            c_ptr = tl.load(table_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.int8))
+        else:
+            c_ptr = tl.load(table_ptr + 6 * n_tensors + tid).to(tl.pointer_type(tl.int16))
     if ALIGNED:  # every tensor of the group starts on 16 bytes: allows 128-bit accesses
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
 
     # Per-tensor scalars, held in float64 and rounded once to the compute dtype.
     row = scalars_ptr + tid * 4
@@ -273,23 +360,23 @@ def adopt_kernel(
         kept = tl.where(kept < 1e-3, tl.full((), 1e-3, C_DTYPE), kept)
     # This step's seed (adoptim.rng.step_seed): the tensor's seed and its call count.
     step_seed = tl.full((), 0, tl.uint32)
-    if STOCHASTIC:
+    if STOCHASTIC or MASTER == 8:
         tseed = tl.load(table_ptr + 5 * n_tensors + tid).to(tl.uint32)
         count_bits = tl.load(row + 3).to(tl.float32).to(tl.uint32, bitcast=True)
         step_seed = _hash32(tseed ^ _hash32(count_bits ^ tl.full((), 0x85EBCA6B, tl.uint32)))
     count = tl.full((), 0, tl.int32)
     for i in range(0, n_full):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, g_scale, wd, decay,
-                              bound, eps_c, b1, w1, beta2_c, sq_weight, lr_c, kept, step_seed,
-                              P_DTYPE, S_DTYPE, C_DTYPE, HAS_SCALE, MAXIMIZE, COUPLED,
-                              NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC)
-    if has_tail:
-        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
-        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, g_scale, wd,
+        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, None, g_scale, wd,
                               decay, bound, eps_c, b1, w1, beta2_c, sq_weight, lr_c, kept,
                               step_seed, P_DTYPE, S_DTYPE, C_DTYPE, HAS_SCALE, MAXIMIZE,
-                              COUPLED, NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC)
+                              COUPLED, NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC, MASTER)
+    if has_tail:
+        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
+        count += _float_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, offs < numel, g_scale,
+                              wd, decay, bound, eps_c, b1, w1, beta2_c, sq_weight, lr_c, kept,
+                              step_seed, P_DTYPE, S_DTYPE, C_DTYPE, HAS_SCALE, MAXIMIZE,
+                              COUPLED, NESTEROV, CAUTION, COUNT_ONLY, STOCHASTIC, MASTER)
     if COUNT_ONLY:
         if n_here > 0:
             tl.atomic_add(counts_ptr + tid, count)
@@ -359,24 +446,32 @@ N_COLUMNS_8BIT = 4  # bound, sq_weight, decay, seed (a uint32, exact in float64)
 
 
 @triton.jit
-def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, mask,
+def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, c_ptr, offs, blk, mask,
                       row_mask, w, seed, g_scale, wd, decay, bound, sq_weight, lr, beta1, w1,
                       beta2, eps,
                       P_DTYPE: tl.constexpr, COUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                       HAS_SCALE: tl.constexpr, NESTEROV: tl.constexpr,
-                      STOCHASTIC: tl.constexpr):
+                      STOCHASTIC: tl.constexpr, MASTER: tl.constexpr):
     """One tile: ``mask`` None for a tile inside the tensor (unmasked, so that aligned
-    accesses are 128 bits wide); otherwise lanes past the end read 0 and write nothing."""
+    accesses are 128 bits wide); otherwise lanes past the end read 0 and write nothing.
+    MASTER: as in _float_block (theta is the master weight of the bf16 bits and ``c_ptr``)."""
     if mask is None:
         g = tl.load(g_ptr + offs).to(tl.float32)
-        theta = tl.load(p_ptr + offs).to(tl.float32)
+        if MASTER:
+            theta = _master_join(tl.load(p_ptr + offs), tl.load(c_ptr + offs), MASTER)
+        else:
+            theta = tl.load(p_ptr + offs).to(tl.float32)
         qm = tl.load(qm_ptr + offs).to(tl.float32)
         qv = tl.load(qv_ptr + offs).to(tl.float32)
         sm = tl.load(sm_ptr + blk)
         sv = tl.load(sv_ptr + blk)
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MASTER:
+            theta = _master_join(tl.load(p_ptr + offs, mask=mask, other=0),
+                                 tl.load(c_ptr + offs, mask=mask, other=0), MASTER)
+        else:
+            theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         qm = tl.load(qm_ptr + offs, mask=mask, other=0).to(tl.float32)
         qv = tl.load(qv_ptr + offs, mask=mask, other=0).to(tl.float32)
         sm = tl.load(sm_ptr + blk, mask=row_mask, other=0.0)
@@ -434,24 +529,32 @@ def _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, m
     qf = tl.where((v > 0) & (qf < 1.0), 1.0, qf)  # no zero code for a nonzero v
     qf = tl.where(qf != qf, 0.0, qf)  # NaN: code 0
     up = w
-    if STOCHASTIC:
-        up = _block_offsets(seed, block, tl.full((), 2, tl.uint32))[:, None] + w
+    if STOCHASTIC or MASTER == 8:  # stream 2: the parameter's (rounding or 24-bit master)
+        stream = tl.full((), 2, tl.uint32)
+        up = _block_offsets(seed, block, stream)[:, None] + w
         up = tl.where(up >= 1.0, up - 1.0, up)
-    theta_out = _round_to(theta, up, P_DTYPE, STOCHASTIC)
+    if MASTER:
+        theta_out, corr = _master_split(theta, up, MASTER)
+    else:
+        theta_out = _round_to(theta, up, P_DTYPE, STOCHASTIC)
     if mask is None:
         tl.store(p_ptr + offs, theta_out)
         tl.store(qm_ptr + offs, ym.to(tl.int8))
         tl.store(qv_ptr + offs, qf.to(tl.uint8))
+        if MASTER:
+            tl.store(c_ptr + offs, corr)
     else:
         tl.store(p_ptr + offs, theta_out, mask=mask)
         tl.store(qm_ptr + offs, ym.to(tl.int8), mask=mask)
         tl.store(qv_ptr + offs, qf.to(tl.uint8), mask=mask)
+        if MASTER:
+            tl.store(c_ptr + offs, corr, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])
 def adopt_8bit_kernel(
-    table_ptr,  # int64: p, g, m codes, m scales, v codes, v scales data_ptrs, numel
-    #             (n_tensors each), then the work items (tensor << 32 | tile)
+    table_ptr,  # int64: p, g, m codes, m scales, v codes, v scales data_ptrs, numel,
+    #             correction data_ptr (n_tensors each), then the work items (tensor << 32 | tile)
     n_tensors,
     scalars_ptr,  # float64 (n_tensors, N_COLUMNS_8BIT): bound, sq_weight, decay, seed
     grad_scale_ptr,  # GradScaler's scale (HAS_SCALE; float32)
@@ -467,10 +570,11 @@ def adopt_8bit_kernel(
     HAS_SCALE: tl.constexpr,
     NESTEROV: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    MASTER: tl.constexpr,  # 0, or the correction's bits (8: 24-bit, 16: 32-bit master weights)
     ROWS: tl.constexpr,  # blocks of 256 per program
 ):
     pid = tl.program_id(0)
-    item = tl.load(table_ptr + 7 * n_tensors + pid)
+    item = tl.load(table_ptr + 8 * n_tensors + pid)
     tid = item >> 32
     tile = item & 0xFFFFFFFF
     numel = tl.load(table_ptr + 6 * n_tensors + tid)
@@ -480,11 +584,19 @@ def adopt_8bit_kernel(
     sm_ptr = tl.load(table_ptr + 3 * n_tensors + tid).to(tl.pointer_type(tl.float32))
     qv_ptr = tl.load(table_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.uint8))
     sv_ptr = tl.load(table_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    c_ptr = p_ptr
+    if MASTER:  # the bf16 parameter as its bits, and the correction
+        p_ptr = tl.load(table_ptr + tid).to(tl.pointer_type(tl.uint16))
+        if MASTER == 8:
+            c_ptr = tl.load(table_ptr + 7 * n_tensors + tid).to(tl.pointer_type(tl.int8))
+        else:
+            c_ptr = tl.load(table_ptr + 7 * n_tensors + tid).to(tl.pointer_type(tl.int16))
     if ALIGNED:  # every tensor of the group starts on 16 bytes: allows 128-bit accesses
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         qm_ptr = tl.multiple_of(qm_ptr, 16)
         qv_ptr = tl.multiple_of(qv_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
 
     # Per-tensor scalars, float64 on the host, rounded once to float32 here (as the
     # for-loop path's ops and the C++ kernel receive them).
@@ -509,11 +621,12 @@ def adopt_8bit_kernel(
     blk = tile * ROWS + tl.arange(0, ROWS)
     offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
     if (tile + 1) * (ROWS * 256) <= numel:
-        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk, None, None,
-                          w, seed, g_scale, wd, decay, bound, sq_weight, lr_c, b1, w1, beta2_c,
-                          eps_c, P_DTYPE, COUPLED, MAXIMIZE, HAS_SCALE, NESTEROV, STOCHASTIC)
+        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, c_ptr, offs, blk, None,
+                          None, w, seed, g_scale, wd, decay, bound, sq_weight, lr_c, b1, w1,
+                          beta2_c, eps_c, P_DTYPE, COUPLED, MAXIMIZE, HAS_SCALE, NESTEROV,
+                          STOCHASTIC, MASTER)
     else:
-        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, offs, blk,
+        _update_tile_8bit(p_ptr, g_ptr, qm_ptr, sm_ptr, qv_ptr, sv_ptr, c_ptr, offs, blk,
                           offs < numel, blk * 256 < numel, w, seed, g_scale, wd, decay,
                           bound, sq_weight, lr_c, b1, w1, beta2_c, eps_c, P_DTYPE, COUPLED,
-                          MAXIMIZE, HAS_SCALE, NESTEROV, STOCHASTIC)
+                          MAXIMIZE, HAS_SCALE, NESTEROV, STOCHASTIC, MASTER)

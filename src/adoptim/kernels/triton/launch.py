@@ -19,7 +19,9 @@ then read on the host, once per step, as on the other paths.
 Tables are cached per layout (the tensors' addresses), so a steady training loop copies
 nothing to the device per step. Tensors with 8-bit state (``state_dtype="8bit"``) take their
 own kernel, launched by :mod:`adoptim.kernels.triton.launch8` under the same rule (:func:`selected`);
-its variants are compiled ahead of time with these (:func:`variants`).
+its variants are compiled ahead of time with these (:func:`variants`). Tensors with a
+master-weight correction (``corrections``) take both kernels in their own buckets (the
+``MASTER`` constexpr), bfloat16 parameters only: float16 ones are left to the unfused path.
 
 On CPU tensors this path runs only when asked for, with ``ADOPTIM_FUSED_BACKEND=triton``, and
 under Triton's interpreter (``TRITON_INTERPRET=1``): it is how the kernel's maths is tested on
@@ -199,7 +201,8 @@ class _Layout:
     """What a group of tensors needs on the device, built once per set of addresses.
 
     ``table``: int64 data_ptrs of p, g, m, v, then the sizes, the tensors' seeds (for
-    stochastic rounding; :mod:`adoptim.rng`), then one work item per chunk
+    stochastic rounding and 24-bit master weights; :mod:`adoptim.rng`), the data_ptrs of the
+    master-weight corrections (0 where none), then one work item per chunk
     (``tensor << 32 | chunk``); ``steps``: data_ptrs of the step counts (device schedule);
     ``scalars``/``counts``: per-tensor buffers the kernels write and read within a step.
     """
@@ -209,14 +212,15 @@ class _Layout:
 
 class _Bucket:
     """The tensors of one launch: their indices in the step's lists, their data_ptrs (p, g,
-    m, v per tensor) and sizes."""
+    m, v per tensor), sizes and corrections' data_ptrs (0 where none)."""
 
-    __slots__ = ("index", "numels", "ptrs")
+    __slots__ = ("corrs", "index", "numels", "ptrs")
 
     def __init__(self) -> None:
         self.index: list[int] = []
         self.ptrs: list[int] = []
         self.numels: list[int] = []
+        self.corrs: list[int] = []
 
 
 _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
@@ -231,6 +235,7 @@ def _layout(device, bucket, steps, chunk, tseeds) -> _Layout:
         tuple(bucket.numels),
         None if steps is None else tuple([s.data_ptr() for s in steps]),
         tseeds,
+        tuple(bucket.corrs),
     )
     layout = _layouts.get(key)
     if layout is not None:
@@ -239,7 +244,8 @@ def _layout(device, bucket, steps, chunk, tseeds) -> _Layout:
     n = len(bucket.numels)
     ptrs = bucket.ptrs  # p, g, m, v of tensor 0, then of tensor 1, ...
     seeds = list(tseeds) if tseeds is not None else [0] * n  # adoptim.rng.tensor_seed
-    host = [ptrs[0::4], ptrs[1::4], ptrs[2::4], ptrs[3::4], list(bucket.numels), seeds]
+    host = [ptrs[0::4], ptrs[1::4], ptrs[2::4], ptrs[3::4], list(bucket.numels), seeds,
+            list(bucket.corrs)]
     items = []
     for k, numel in enumerate(bucket.numels):
         items.extend((k << 32) | c for c in range(-(-numel // chunk)))
@@ -281,6 +287,29 @@ def _walkable(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
     if p.is_contiguous() and m.is_contiguous() and v.is_contiguous():
         return True
     return _dense(p) and p.stride() == m.stride() == v.stride()
+
+
+def _master_walkable(p: Tensor, g: Tensor, m: Tensor, v: Tensor, corr: Tensor) -> bool:
+    """Whether the kernel takes a tensor with a master-weight correction: a plain contiguous
+    bfloat16 parameter (float16's correction is a fraction of its ulp, not bits of a float32:
+    the unfused path), its gradient, float32 or bfloat16 moments (the update in float32) and
+    its correction, all contiguous, alike and on one device."""
+    return (
+        type(p) in _PLAIN
+        and type(corr) in _PLAIN
+        and p.dtype == torch.bfloat16
+        and g.dtype == p.dtype
+        and m.dtype in (torch.float32, torch.bfloat16)
+        and v.dtype == m.dtype
+        and corr.dtype in (torch.int8, torch.int16)
+        and g.shape == p.shape == m.shape == v.shape == corr.shape
+        and p.device == g.device == m.device == v.device == corr.device
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and m.is_contiguous()
+        and v.is_contiguous()
+        and corr.is_contiguous()
+    )
 
 
 def _dense(t: Tensor) -> bool:
@@ -329,11 +358,17 @@ def triton_adopt(
     caution: bool = False,
     has_complex: bool = False,
     scalars_as_tensors: bool = False,
+    corrections: list[Tensor | None] | None = None,
     **other: Any,
 ) -> list[int]:
     """The Triton path: update the tensors in place; return the indices it left alone, for
     the caller to run on an unfused path (tensors whose layout it cannot walk; all of them
     if a kernel failed to compile and ``strict`` is False, after one warning).
+
+    ``corrections`` (aligned with ``params``, None where absent): master-weight corrections
+    (:mod:`adoptim.formats.master`); the kernel joins and splits them in registers for
+    contiguous bfloat16 parameters with float32 or bfloat16 moments and leaves other
+    corrected tensors (float16 parameters, DTensors, other layouts) to the unfused path.
 
     ``strict`` (``fused=True``): a missing triton or a failed compile raises, with Triton's
     message. ``found_inf``/``grad_scale`` are read on the device.
@@ -359,6 +394,20 @@ def triton_adopt(
     plain = all(type(t) in _PLAIN for t in params)
     for i in all_indices:
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+        corr = corrections[i] if corrections is not None else None
+        if corr is not None:
+            if not _master_walkable(p, g, m, v, corr):
+                aside.append(i)
+                continue
+            ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+            aligned = not ((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | corr.data_ptr()) & 15)
+            s = 8 if corr.dtype == torch.int8 else 16
+            bucket = buckets.setdefault((p.device, p.dtype, m.dtype, aligned, s), _Bucket())
+            bucket.index.append(i)
+            bucket.ptrs.extend(ptrs)
+            bucket.numels.append(p.numel())
+            bucket.corrs.append(corr.data_ptr())
+            continue
         if not plain and type(p) not in _PLAIN:  # DTensors: their local shards
             if caution:  # the mask's mean is over the whole tensor: the for-loop path
                 aside.append(i)
@@ -390,13 +439,14 @@ def triton_adopt(
                 temporaries.append(g)  # alive until the kernels are queued
         ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
         aligned = not ((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15)
-        key = (p.device, p_dtype, s_dtype, aligned)
+        key = (p.device, p_dtype, s_dtype, aligned, 0)
         bucket = buckets.get(key)
         if bucket is None:
             bucket = buckets[key] = _Bucket()
         bucket.index.append(i)
         bucket.ptrs.extend(ptrs)
         bucket.numels.append(p.numel())
+        bucket.corrs.append(0)
 
     def host_schedule(device, index) -> bool:
         if _force_host_schedule:
@@ -438,7 +488,8 @@ def triton_adopt(
             maximize=maximize,
             grad_scale=grad_scale,
             found_inf=found_inf,
-            stochastic=stochastic_rounding and key[1] == torch.bfloat16,
+            # (a corrected tensor's parameter is always the nearest bf16 of its master)
+            stochastic=stochastic_rounding and key[1] == torch.bfloat16 and not key[4],
             seed=seed,
             keys=[i if keys is None else keys[i] for i in bucket.index],
             nesterov=nesterov,
@@ -478,13 +529,14 @@ def _run_bucket(
     """Launch the kernels for one bucket; False if they could not be compiled (non-strict)."""
     import triton.language as tl
 
-    device, p_dtype, s_dtype, aligned = key
+    device, p_dtype, s_dtype, aligned, master = key
     cfg = CONFIG
     if torch.version.hip is not None and device.type == "cuda":
         cfg = LaunchConfig(cfg.block, cfg.chunk, cfg.num_warps_amd, cfg.num_warps_amd,
                            cfg.schedule_block)  # fmt: skip
     n = len(bucket.index)
-    tseeds = tuple(_rng.tensor_seed(seed, key) for key in keys) if stochastic else None
+    rounds = stochastic or master == 8  # random numbers: stochastic rounding, 24-bit masters
+    tseeds = tuple(_rng.tensor_seed(seed, key) for key in keys) if rounds else None
     layout = _layout(device, bucket, None if hosted else steps, cfg.chunk, tseeds)
     dummy = layout.counts  # stands in for pointer arguments a variant does not use
 
@@ -518,6 +570,7 @@ def _run_bucket(
         NESTEROV=bool(nesterov),
         CAUTION=bool(caution),
         STOCHASTIC=bool(stochastic),
+        MASTER=master,
         BLOCK=cfg.block,
         CHUNK=cfg.chunk,
     )

@@ -64,8 +64,8 @@ CONFIG = LaunchConfig8()
 
 class _Layout:
     """Per set of addresses: ``table`` (int64 data_ptrs of p, g, m codes, m scales, v codes,
-    v scales, the sizes, then the work items ``tensor << 32 | tile``) and the per-tensor
-    scalar rows the step copies in."""
+    v scales, the sizes, the master-weight corrections' data_ptrs (0 where none), then the
+    work items ``tensor << 32 | tile``) and the per-tensor scalar rows the step copies in."""
 
     __slots__ = ("keep", "n_items", "scalars", "table")
 
@@ -77,8 +77,9 @@ _failed: dict[str, str] = {}  # device types where a compile failed under the de
 _warned: set[str] = set()
 
 
-def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int) -> _Layout:
-    key = (device, rows, tuple(ptrs), tuple(numels))
+def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int,
+            corrs: list[int]) -> _Layout:  # fmt: skip
+    key = (device, rows, tuple(ptrs), tuple(numels), tuple(corrs))
     layout = _layouts.get(key)
     if layout is not None:
         _layouts.move_to_end(key)
@@ -88,8 +89,8 @@ def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int)
     for k, numel in enumerate(numels):
         items.extend((k << 32) | t for t in range(-(-numel // tile)))
     columns = [ptrs[c::6] for c in range(6)]
-    host = torch.tensor([x for column in columns for x in column] + list(numels) + items,
-                        dtype=torch.int64)  # fmt: skip
+    host = torch.tensor([x for column in columns for x in column] + list(numels) + list(corrs)
+                        + items, dtype=torch.int64)  # fmt: skip
     layout = _Layout()
     layout.table, pinned = _common.to_device(host, device)
     layout.keep = [pinned]
@@ -102,7 +103,7 @@ def _layout(device: torch.device, ptrs: list[int], numels: list[int], rows: int)
 
 
 def _constexprs(tl, p_dtype, *, aligned, coupled, maximize, has_scale, nesterov, stochastic,
-                rows) -> dict[str, Any]:  # fmt: skip
+                rows, master=0) -> dict[str, Any]:  # fmt: skip
     return dict(
         P_DTYPE=_common.tl_dtype(tl, p_dtype),
         ALIGNED=aligned,
@@ -111,6 +112,7 @@ def _constexprs(tl, p_dtype, *, aligned, coupled, maximize, has_scale, nesterov,
         HAS_SCALE=has_scale,
         NESTEROV=nesterov,
         STOCHASTIC=stochastic,
+        MASTER=master,
         ROWS=rows,
     )
 
@@ -141,12 +143,17 @@ def triton_adopt_8bit(
     caution: bool = False,
     seed: int = 0,
     keys: list[int] | None = None,
+    corrections: list[Tensor | None] | None = None,
     **other: Any,
 ) -> list[int]:
     """Step the tensors ``index`` (plain tensors: the caller hands DTensors' local shards)
     with the kernel; return those it left to the unfused path: with ``caution`` all of them,
     layouts it cannot walk, and all of them where the kernel failed to compile under the
-    default (``strict`` False, after one warning; ``strict``: a failure raises)."""
+    default (``strict`` False, after one warning; ``strict``: a failure raises).
+
+    ``corrections`` (aligned with ``params``, None where absent): master-weight corrections
+    (:mod:`adoptim.formats.master`), joined and split in registers for contiguous bfloat16
+    parameters; other corrected tensors (float16 parameters, other layouts) are left."""
     del other  # scalars_as_tensors, has_complex: per tensor here, scalars on the host
     if caution or not index:
         return list(index)
@@ -159,7 +166,7 @@ def triton_adopt_8bit(
     jit = _common.jit()
     lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
-    buckets: dict[tuple, list] = {}  # key -> [indices, ptrs, numels]
+    buckets: dict[tuple, list] = {}  # key -> [indices, ptrs, numels, correction ptrs]
     aside: list[int] = []
     temporaries: list[Tensor] = []
     for i in index:
@@ -186,21 +193,37 @@ def triton_adopt_8bit(
         if p.device.type in _failed and not strict:
             aside.append(i)
             continue
+        corr = corrections[i] if corrections is not None else None
+        if corr is not None and not (
+            type(corr) in (Tensor, torch.nn.Parameter)  # (not a DTensor's: the unfused path)
+            and p.dtype == torch.bfloat16  # (float16: its correction is not float32 bits)
+            and corr.dtype in (torch.int8, torch.int16)
+            and corr.shape == params[i].shape
+            and corr.is_contiguous()
+            and corr.device == p.device
+        ):
+            aside.append(i)
+            continue
         if not g.is_contiguous():
             g = g.contiguous()
             temporaries.append(g)  # alive until the kernel is queued
         ptrs = [p.data_ptr(), g.data_ptr(), qm.data_ptr(), sm.data_ptr(), qv.data_ptr(),
                 sv.data_ptr()]  # fmt: skip
-        aligned = not ((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[4]) & 15)
-        bucket = buckets.setdefault((p.device, p.dtype, aligned), [[], [], []])
+        c_ptr = 0 if corr is None else corr.data_ptr()
+        aligned = not ((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[4] | c_ptr) & 15)
+        master = 0 if corr is None else (8 if corr.dtype == torch.int8 else 16)
+        bucket = buckets.setdefault((p.device, p.dtype, aligned, master), [[], [], [], []])
         bucket[0].append(i)
         bucket[1].extend(ptrs)
         bucket[2].append(n)
+        bucket[3].append(c_ptr)
 
-    for key, (idx, ptrs, numels) in buckets.items():
+    for key, (idx, ptrs, numels, corrs) in buckets.items():
         ok = _run_bucket(
-            jit, key, idx, ptrs, numels, [state_steps[i] for i in idx], strict=strict,
-            grad_scale=grad_scale, stochastic=stochastic_rounding and key[1] == torch.bfloat16,
+            jit, key, idx, ptrs, numels, corrs, [state_steps[i] for i in idx], strict=strict,
+            grad_scale=grad_scale,
+            # (a corrected tensor's parameter is always the nearest bf16 of its master)
+            stochastic=stochastic_rounding and key[1] == torch.bfloat16 and not key[3],
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_exp=clip_exp, clip_fn=clip_fn,
             weight_decay=weight_decay, decouple=decouple, maximize=maximize, nesterov=nesterov,
             tseeds=[_rng.tensor_seed(seed, i if keys is None else keys[i]) for i in idx],
@@ -211,16 +234,16 @@ def triton_adopt_8bit(
     return sorted(aside)
 
 
-def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stochastic, lr,
+def _run_bucket(jit, key, idx, ptrs, numels, corrs, steps, *, strict, grad_scale, stochastic, lr,
                 beta1, beta2, eps, clip_exp, clip_fn, weight_decay, decouple, maximize,
                 nesterov, tseeds) -> bool:  # fmt: skip
     """Launch the kernel for one bucket; False if it could not be compiled (non-strict)."""
     import triton.language as tl
 
-    device, p_dtype, aligned = key
+    device, p_dtype, aligned, master = key
     cfg = CONFIG
     num_warps = cfg.num_warps_amd if torch.version.hip is not None else cfg.num_warps
-    layout = _layout(device, ptrs, numels, cfg.rows)
+    layout = _layout(device, ptrs, numels, cfg.rows, corrs)
 
     # The per-tensor scalars and seeds, from the host-side call counts (no device read).
     counts = [float(s) for s in steps]
@@ -237,7 +260,7 @@ def _run_bucket(jit, key, idx, ptrs, numels, steps, *, strict, grad_scale, stoch
     constexprs = _constexprs(
         tl, p_dtype, aligned=aligned, coupled=coupled, maximize=bool(maximize),
         has_scale=grad_scale is not None, nesterov=bool(nesterov), stochastic=stochastic,
-        rows=cfg.rows,
+        rows=cfg.rows, master=master,
     )  # fmt: skip
     args = (
         layout.table,
