@@ -412,7 +412,10 @@ int64_t float_count(const P* __restrict p, const K* __restrict k, const P* __res
 // element changes none of its bits.)
 template <typename P, typename S, typename C, typename K>
 struct FloatBatch {
-  static constexpr int kNumFlags = 4;  // coupled, divide, nesterov, caution
+  // coupled, nesterov, caution: the float kernels always divide by the scale (a power of
+  // two's exact reciprocal gives the same bits multiplied; this memory-bound loop does not
+  // notice the division, and one flag fewer halves the instantiations: the build time)
+  static constexpr int kNumFlags = 3;
   std::vector<FloatTensor<P, S, C, K>> ts;
   std::vector<int64_t> offsets;  // element offsets of each tensor in the concatenation
   Hyper<C> h;
@@ -436,8 +439,9 @@ struct FloatBatch {
     });
   }
 
-  template <bool kCoupled, bool kDivide, bool kNesterov, bool kCaution>
+  template <bool kCoupled, bool kNesterov, bool kCaution>
   void run() const {
+    constexpr bool kDivide = true;
     // stochastic rounding is a choice for plain bfloat16 parameters only (fewer
     // instantiations); a master weight's rounding is its format's
     if constexpr (std::is_same_v<P, c10::BFloat16> && !kCorrected<K>) {
@@ -826,10 +830,13 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
     using S = decltype(s_tag);
     using C = decltype(c_tag);
     using K = decltype(k_tag);
-    const Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                                     &divide, sr && !kCorrected<K>, seed);
+    Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                               &divide, sr && !kCorrected<K>, seed);
+    if (!divide) {
+      h.gscale = C(1) / h.gscale;  // back to +-scale (exact: a power of two): divided below
+    }
     run_float<P, S, C, K>(params, grads, exp_avgs, exp_avg_sqs, steps, corrections, sc, h,
-                          {coupled_on, divide, nesterov, caution});
+                          {coupled_on, nesterov, caution});
   };
   const NoCorrection none;
   if (k_size != 0) {  // bfloat16 + correction (checked above), float32 or bfloat16 moments
