@@ -269,7 +269,8 @@ def test_caution_runs_forloop_on_fused_and_matches():
 # v does not freeze
 
 
-@pytest.mark.parametrize("path", ["for-loop", "fused"])
+# 3,000 steps a path: the fused one by default (test_same_bits holds the paths to the same bits)
+@pytest.mark.parametrize("path", [pytest.param("for-loop", marks=pytest.mark.slow), "fused"])
 def test_v_follows_float32_after_a_large_first_gradient(path):
     """beta2 = 0.9999, first gradient 100x the others: float32 v decays by 0.01 % per step;
     rounding to nearest would freeze the 8-bit v at its first value."""
