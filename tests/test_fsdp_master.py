@@ -56,27 +56,40 @@ def one_rank_mesh():
         dist.destroy_process_group()
 
 
+def _plain_and_sharded(mesh, seed: int, steps: int, kw: dict):
+    """A 6 x 5 bf16 tensor stepped ``steps`` times by ADOPT(**kw) as a plain parameter and as
+    a Shard(0) DTensor on ``mesh``, with the same gradients: (init, plain, its optimizer,
+    sharded, its optimizer)."""
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from adoptim import ADOPT
+
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(6, 5, generator=gen).to(torch.bfloat16) for _ in range(steps)]
+    plain = torch.nn.Parameter(init.clone())
+    sharded = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, [Shard(0)]))
+    opt_plain, opt_sharded = ADOPT([plain], **kw), ADOPT([sharded], **kw)
+    for g in grads:
+        plain.grad = g.clone()
+        sharded.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        opt_plain.step()
+        opt_sharded.step()
+    return init, plain, opt_plain, sharded, opt_sharded
+
+
 def test_dtensor_parameters_take_a_correction_and_partial_ones_are_refused(one_rank_mesh):
     """In process: a Shard(0) bf16 DTensor steps bit for bit as the plain tensor (the
     correction a DTensor placed like it); a Partial one is refused at construction, and so
     is a plain correction loaded for a DTensor parameter."""
     import torch
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 
     from adoptim import ADOPT
 
-    gen = torch.Generator().manual_seed(0)
-    init = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
-    grads = [torch.randn(6, 5, generator=gen).to(torch.bfloat16) for _ in range(4)]
     kw = dict(lr=1e-3, master_weight_bits=24, foreach=False)
-    plain = torch.nn.Parameter(init.clone())
-    sharded = torch.nn.Parameter(distribute_tensor(init.clone(), one_rank_mesh, [Shard(0)]))
-    opt_plain, opt_sharded = ADOPT([plain], **kw), ADOPT([sharded], **kw)
-    for g in grads:
-        plain.grad = g.clone()
-        sharded.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
-        opt_plain.step()
-        opt_sharded.step()
+    init, plain, opt_plain, sharded, opt_sharded = _plain_and_sharded(one_rank_mesh, 0, 4, kw)
     corr = opt_sharded.state[sharded]["master_correction"]
     assert isinstance(corr, DTensor) and corr.placements == sharded.placements
     assert torch.equal(sharded.to_local(), plain.detach())
@@ -95,22 +108,10 @@ def test_dtensor_bf16_stochastic_rounding_rounds_the_local_shard(one_rank_mesh):
     local shard with its local indices' random numbers, bit for bit the plain tensor's (it
     raised "got mixed torch.Tensor and DTensor" before)."""
     import torch
-    from torch.distributed.tensor import Shard, distribute_tensor
 
-    from adoptim import ADOPT
 
-    gen = torch.Generator().manual_seed(1)
-    init = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
-    grads = [torch.randn(6, 5, generator=gen).to(torch.bfloat16) for _ in range(3)]
     for foreach in (False, True):
         kw = dict(lr=1e-3, stochastic_rounding=True, foreach=foreach)
-        plain = torch.nn.Parameter(init.clone())
-        sharded = torch.nn.Parameter(distribute_tensor(init.clone(), one_rank_mesh, [Shard(0)]))
-        opt_plain, opt_sharded = ADOPT([plain], **kw), ADOPT([sharded], **kw)
-        for g in grads:
-            plain.grad = g.clone()
-            sharded.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
-            opt_plain.step()
-            opt_sharded.step()
+        init, plain, _, sharded, _ = _plain_and_sharded(one_rank_mesh, 1, 3, kw)
         assert torch.equal(sharded.to_local(), plain.detach()), foreach
         assert not torch.equal(plain.detach(), init)
