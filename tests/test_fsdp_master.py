@@ -41,21 +41,6 @@ def test_fsdp2_master_weights_more_paths_full_state_dicts_and_one_rank(tmp_path)
     assert (tmp_path / "slow-w1.done").exists()
 
 
-@pytest.fixture
-def one_rank_mesh():
-    """A 1-rank gloo group in this process (as tests/test_triton.py's): DTensors without
-    torchrun."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def _plain_and_sharded(mesh, seed: int, steps: int, kw: dict):
     """A 6 x 5 bf16 tensor stepped ``steps`` times by ADOPT(**kw) as a plain parameter and as
     a Shard(0) DTensor on ``mesh``, with the same gradients: (init, plain, its optimizer,

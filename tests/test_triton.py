@@ -811,22 +811,6 @@ def test_cuda_fused_step_does_not_sync():
 # DTensor parameters (FSDP2, tensor parallelism): both fused kernels on the local shards
 
 
-@pytest.fixture
-def one_rank_mesh():
-    dist = pytest.importorskip("torch.distributed")
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_dtensor_parameters_take_the_fused_kernel_on_their_shards(backend, one_rank_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
