@@ -293,13 +293,17 @@ Hyper<C> make_hyper(double lr, double beta1, double beta2, double eps, double we
   h.wd = static_cast<C>(weight_decay);
   // g / scale (then negated for maximize) is g * (+-1/scale) exactly when scale, rounded
   // to C, is a power of two whose reciprocal is a normal number (GradScaler's default
-  // scales are): the multiplication is cheaper. Other scales divide.
+  // scales are): the multiplication is cheaper where the caller can take either (`divide`
+  // given: it learns which); other scales, and callers that always divide (nullptr), divide.
   const C scale = static_cast<C>(grad_scale);
   int exponent = 0;
   const C mantissa = std::frexp(scale, &exponent);
   const bool power_of_two = mantissa == C(0.5) && std::abs(exponent) < 120;
-  *divide = !power_of_two;
-  if (power_of_two) {
+  const bool multiply = divide != nullptr && power_of_two;
+  if (divide != nullptr) {
+    *divide = !multiply;
+  }
+  if (multiply) {
     h.gscale = (maximize ? C(-1) : C(1)) / scale;  // exact
   } else {
     h.gscale = maximize ? -scale : scale;  // -(g / s) == g / -s
@@ -821,7 +825,6 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
   const double* sc = scalars.data_ptr<double>();
   const bool coupled_on = coupled && weight_decay != 0.0;
   const bool sr = stochastic && p_type == at::kBFloat16;
-  bool divide = false;
 
   using BF = c10::BFloat16;
   using H = c10::Half;
@@ -830,11 +833,8 @@ void fused_adopt_(at::TensorList params, at::TensorList grads, at::TensorList ex
     using S = decltype(s_tag);
     using C = decltype(c_tag);
     using K = decltype(k_tag);
-    Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                               &divide, sr && !kCorrected<K>, seed);
-    if (!divide) {
-      h.gscale = C(1) / h.gscale;  // back to +-scale (exact: a power of two): divided below
-    }
+    const Hyper<C> h = make_hyper<C>(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                                     nullptr, sr && !kCorrected<K>, seed);  // always divides
     run_float<P, S, C, K>(params, grads, exp_avgs, exp_avg_sqs, steps, corrections, sc, h,
                           {coupled_on, nesterov, caution});
   };
